@@ -32,37 +32,24 @@ def _debug_requested(argv: list[str]) -> bool:
 
 
 def main() -> None:
-    """Entry point: runs the app; a TdistError becomes its message and exit code (traceback only with --debug)."""
+    """Entry point: a TdistError becomes its message and exit code (traceback only with --debug).
+
+    Usage errors (unknown option, missing argument) are typer's own: message and exit 2.
+    """
     argv = sys.argv[1:]
     debug = _debug_requested(argv)
     if debug:
         argv = [a for a in argv if a != "--debug"]
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="tdist")
     except TdistError as exc:
         if debug:
             raise
         from rich.console import Console
 
-        Console(stderr=True).print(f"[bold red]error:[/] {exc.render()}", highlight=False, markup=True)
+        from rich.markup import escape
+
+        Console(stderr=True, highlight=False, soft_wrap=True).print("[bold red]error:[/] " + escape(exc.render()))
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click usage errors and friends
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        if debug:
-            raise
-        from rich.console import Console
-
-        Console(stderr=True).print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (run with --debug for the traceback)")
-        sys.exit(1)

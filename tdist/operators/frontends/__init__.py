@@ -1,0 +1,1 @@
+"""Frontends that real clients speak: OpenAI HTTP, KServe v2."""
