@@ -1,0 +1,289 @@
+"""The worker process: `python -m tdist.runtime.worker --config worker.json` (or `--plan plan.json`).
+
+Connects the planes, constructs and starts its operators, serves their requests, registers
+in discovery (state starting → ready → draining) with a heartbeat, serves Prometheus metrics,
+and drains on SIGTERM: takes nothing new, finishes what it took, deregisters, exits 0.
+Exit codes: 0 clean stop, 2 bad config or operator load error, 3 cannot reach NATS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from tdist.errors import OperatorLoadError, TdistError
+from tdist.runtime import protocol as P
+from tdist.runtime.config import WorkerConfig
+from tdist.runtime.loader import load_operator_class
+from tdist.runtime.metrics import WorkerMetrics
+from tdist.runtime.operator import OperatorContext, current_client
+from tdist.runtime.planes.codec import make_codec
+from tdist.runtime.planes.discovery import make_discovery
+from tdist.runtime.planes.request import RequestClient, connect_nats, ensure_stream, resolve_nats_url
+from tdist.runtime.serve import OperatorHost
+
+log = logging.getLogger("tdist.worker")
+
+READY_LINE = "tdist worker ready"
+RANK_ENV = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
+LOCAL_RANK_ENV = ("OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID")
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, *, drain_timeout_s: float = 30.0) -> None:
+        self.config = config
+        self.deployment = config.deployment
+        self.drain_timeout_s = drain_timeout_s
+        self.metrics = WorkerMetrics(config.name)
+        self.hosts: dict[str, OperatorHost] = {}
+        self.state = "starting"
+        self.error: str | None = None
+        self.started_at = time.time()
+        self.nc: Any = None
+        self.js: Any = None
+        self.codec: Any = None
+        self.discovery: Any = None
+        self.client: RequestClient | None = None
+        self._cancelled: dict[str, float] = {}
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # ---- cancellation -----------------------------------------------------------------------
+
+    def is_cancelled(self, request_id: str) -> bool:
+        return request_id in self._cancelled
+
+    async def _on_cancel(self, msg: Any) -> None:
+        try:
+            rid = P.decode_cancel(msg.data)
+        except Exception:
+            return
+        self._cancelled[rid] = time.time() + 600
+        for host in self.hosts.values():
+            host.cancel(rid)
+
+    # ---- discovery --------------------------------------------------------------------------
+
+    def entry(self) -> dict[str, Any]:
+        c = self.config
+        ops = {name: {**h.status(), "stats": _safe_stats(h)} for name, h in self.hosts.items()}
+        return {
+            "name": c.name,
+            "component": c.component,
+            "deployment": c.deployment,
+            "operators": [o.name for o in c.operators],
+            "kinds": {o.name: o.kind for o in c.operators},
+            "roles": {o.name: o.role for o in c.operators},
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "rank": c.rank,
+            "state": self.state,
+            "error": self.error,
+            "inflight": sum(o["inflight"] for o in ops.values()),
+            "served": sum(o["served"] for o in ops.values()),
+            "errors": sum(o["errors"] for o in ops.values()),
+            "per_operator": ops,
+            "started_at": self.started_at,
+            "heartbeat_at": time.time(),
+            "metrics_port": self.metrics.port,
+        }
+
+    async def publish_entry(self) -> None:
+        try:
+            await self.discovery.put(self.config.name, self.entry())
+        except Exception as exc:
+            log.warning("discovery update failed: %s", exc)
+
+    async def _heartbeat(self) -> None:
+        interval = self.config.request_plane.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            now = time.time()
+            self._cancelled = {k: v for k, v in self._cancelled.items() if v > now}
+            await self.publish_entry()
+
+    # ---- life cycle -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        c = self.config
+        url = resolve_nats_url(c.request_plane)
+        self.nc = await connect_nats(url, name=f"tdist-worker-{c.name}")
+        self.js = self.nc.jetstream()
+        await ensure_stream(self.js, self.deployment)
+        self.discovery = make_discovery(c.discovery, self.deployment, js=self.js)
+        self.codec = make_codec(c.data_plane, host=_host_address())
+        await self.codec.start()
+        self.client = RequestClient(self.nc, self.deployment, config=c.request_plane, codec=self.codec, discovery=self.discovery)
+        await self.client.start()
+        current_client.set(self.client)
+        if c.metrics_port is not None:
+            try:
+                self.metrics.serve(c.metrics_port)
+            except OSError as exc:
+                log.error("metrics port %s unavailable: %s (continuing without metrics)", c.metrics_port, exc)
+        await self.publish_entry()
+        await self.nc.subscribe(P.cancel_subject(self.deployment), cb=self._on_cancel)
+
+        try:
+            for oc in c.operators:
+                cls = load_operator_class(oc)
+                logger = logging.getLogger(f"tdist.op.{oc.name}")
+                logger.setLevel(oc.log_level.upper())
+                ctx = OperatorContext(config=oc, worker=c, logger=logger, client=self.client)
+                try:
+                    op = cls(ctx)
+                    await op.start()
+                except TdistError:
+                    raise
+                except Exception as exc:
+                    raise OperatorLoadError(f"operator {oc.name!r} failed to start: {type(exc).__name__}: {exc}") from exc
+                self.hosts[oc.name] = OperatorHost(self, oc, op)
+            for host in self.hosts.values():
+                await host.start_serving()
+            await self.nc.flush()
+        except TdistError as exc:
+            self.state = "failed"
+            self.error = exc.render()
+            log.error("worker %s failed to start: %s", c.name, self.error)
+            await self.publish_entry()
+            await self._close()
+            return 2
+
+        self.state = "ready"
+        await self.publish_entry()
+        self._tasks.append(asyncio.create_task(self._heartbeat()))
+        log.info("%s: %s (operators: %s, metrics port %s)", READY_LINE, c.name, ", ".join(self.hosts), self.metrics.port)
+        print(f"{READY_LINE}: {c.name}", flush=True)
+
+        await self._stop.wait()
+        log.info("worker %s draining", c.name)
+        self.state = "draining"
+        await self.publish_entry()
+        await asyncio.gather(*(h.drain(self.drain_timeout_s) for h in self.hosts.values()))
+        for name, host in self.hosts.items():
+            try:
+                await host.operator.stop()
+            except Exception as exc:
+                log.warning("operator %s stop failed: %s", name, exc)
+        await self._close(deregister=True)
+        log.info("worker %s stopped", c.name)
+        return 0
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def _close(self, deregister: bool = False) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if deregister and self.discovery is not None:
+            try:
+                await self.discovery.delete(self.config.name)
+            except Exception:
+                pass
+        if self.codec is not None:
+            try:
+                await self.codec.close()
+            except Exception:
+                pass
+        if self.discovery is not None:
+            await self.discovery.close()
+        self.metrics.close()
+        if self.nc is not None:
+            try:
+                await self.nc.drain()
+            except Exception:
+                pass
+
+
+def _safe_stats(host: OperatorHost) -> dict[str, Any]:
+    try:
+        return dict(host.operator.stats())
+    except Exception as exc:
+        return {"error": str(exc)}
+
+
+def _host_address() -> str:
+    return os.environ.get("TDIST_HOST_ADDRESS", "127.0.0.1")
+
+
+def rank_from_env(env: dict[str, str] | None = None) -> int | None:
+    env = dict(os.environ if env is None else env)
+    for key in RANK_ENV:
+        if env.get(key, "").strip().isdigit():
+            return int(env[key])
+    return None
+
+
+def config_from_plan(plan_path: str, rank: int | None = None) -> WorkerConfig:
+    """Pick this rank's WorkerConfig from a plan JSON (no import of tdist.plan: plain data)."""
+    with open(plan_path) as fh:
+        plan = json.load(fh)
+    workers = plan["workers"]
+    if rank is None:
+        rank = rank_from_env()
+    if rank is None:
+        raise OperatorLoadError(f"--plan {plan_path}: no rank in the environment (looked at {', '.join(RANK_ENV)})")
+    if not 0 <= rank < len(workers):
+        raise OperatorLoadError(f"--plan {plan_path}: rank {rank} but the plan has {len(workers)} workers")
+    return WorkerConfig.model_validate(workers[rank])
+
+
+def _apply_placement(config: WorkerConfig) -> None:
+    """Environment of the config; GPUs by local rank when the launcher did not pin them."""
+    for k, v in config.env.items():
+        os.environ.setdefault(k, v)
+    if config.gpu_ids and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in config.gpu_ids)
+    extra = os.environ.get("PYTHONPATH", "")
+    for p in reversed([p for p in extra.split(os.pathsep) if p]):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+
+
+async def _amain(config: WorkerConfig) -> int:
+    worker = Worker(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_stop)
+    return await worker.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tdist.runtime.worker", description="Run one tdist worker.")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", help="WorkerConfig JSON file")
+    src.add_argument("--plan", help="Plan JSON; this process's config is workers[rank] (rank from MPI/Slurm env)")
+    ap.add_argument("--rank", type=int, default=None, help="Override the rank taken from the environment")
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("TDIST_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.config:
+            with open(args.config) as fh:
+                config = WorkerConfig.model_validate_json(fh.read())
+        else:
+            config = config_from_plan(args.plan, args.rank)
+    except (OSError, ValueError, TdistError) as exc:
+        print(f"tdist worker: bad config: {exc}", file=sys.stderr)
+        return 2
+    _apply_placement(config)
+    try:
+        return asyncio.run(_amain(config))
+    except TdistError as exc:
+        print(f"tdist worker {config.name}: {exc.render()}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

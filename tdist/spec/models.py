@@ -1,0 +1,369 @@
+"""The graph YAML schema: frozen pydantic models, unknown keys forbidden, a description on every field.
+
+These models check what one field (or one object) can check on its own; rules that relate several
+parts of the graph (references, placement, ports) live in `tdist.spec.checks`. Shorthands the
+user may write (`request_plane: embedded`, `discovery: etcd`, `operators: encoder`) are expanded
+by before-validators, so the validated objects always have one shape.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
+"""Operator/worker/deployment names: they become NATS subjects and stream names (no dots, no spaces)."""
+
+IMPLEMENTATION_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+"""`pkg.mod:Class` — only the syntax is checked here; the runtime imports it."""
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+OperatorKindSpec = Literal["python", "triton", "vllm", "trtllm", "router", "frontend"]
+
+
+class SpecModel(BaseModel):
+    """Base of every spec model: immutable, unknown keys rejected (the loader adds "did you mean")."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+# ---------------------------------------------------------------- planes
+
+
+class RequestPlaneSpec(SpecModel):
+    """Where requests travel: a NATS server tdist starts (`embedded`) or an existing one."""
+
+    url: str = Field("embedded", description="`embedded` (tdist starts nats-server) or a nats:// / tls:// URL")
+    ack_wait_s: float = Field(5.0, gt=0, description="Seconds before an unacknowledged request is redelivered")
+    max_deliver: int = Field(3, ge=1, description="Deliveries of one request before it is dropped as poison")
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="Seconds between a worker's discovery heartbeats")
+    default_timeout_s: float = Field(60.0, gt=0, description="Deadline in seconds for requests that name none")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        return {"url": data} if isinstance(data, str) else data
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        if v != "embedded" and not re.match(r"^(nats|tls)://[^\s/]+$", v):
+            raise ValueError("must be `embedded` or a URL like nats://host:4222")
+        return v
+
+
+class DataPlaneSpec(SpecModel):
+    """How tensors move between workers."""
+
+    kind: Literal["auto", "inline", "ucx", "shm"] = Field(
+        "auto", description="auto: shared memory on one host, UCX across hosts; inline: always inside the message"
+    )
+    inline_threshold_bytes: int = Field(65536, ge=0, description="Tensors up to this many bytes travel inline")
+    lease_s: float = Field(60.0, gt=0, description="Seconds a stored tensor waits for its consumer before it is freed")
+    ucx_env: dict[str, str] = Field(default_factory=dict, description="UCX_* environment (UCX_TLS, UCX_NET_DEVICES, ...)")
+
+    @field_validator("ucx_env")
+    @classmethod
+    def _ucx_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in v if not k.startswith("UCX_")]
+        if bad:
+            raise ValueError(f"keys must start with UCX_ (found {bad[0]!r})")
+        return v
+
+
+class DiscoverySpec(SpecModel):
+    """Where workers register: NATS KV (default) or etcd."""
+
+    kind: Literal["nats", "etcd"] = Field("nats", description="Discovery backend")
+    etcd_endpoints: list[str] | Literal["embedded"] = Field(
+        "embedded", description="etcd only: `embedded` (tdist starts etcd) or a list of http(s):// endpoints"
+    )
+    ttl_s: float = Field(5.0, gt=0, description="Seconds without a heartbeat before a worker's entry disappears")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, data: Any) -> Any:
+        return {"kind": data} if isinstance(data, str) else data
+
+    @field_validator("etcd_endpoints")
+    @classmethod
+    def _check_endpoints(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("must list at least one endpoint, or be `embedded`")
+            for ep in v:
+                if not re.match(r"^https?://[^\s/]+$", ep):
+                    raise ValueError(f"endpoint {ep!r} must look like http://host:2379")
+        return v
+
+
+# ---------------------------------------------------------------- operators
+
+
+class InstanceGroupSpec(SpecModel):
+    """One Triton instance group, as in a model's config.pbtxt."""
+
+    count: int = Field(1, ge=1, description="Model instances in this group")
+    kind: Literal["KIND_CPU", "KIND_GPU", "KIND_AUTO"] = Field("KIND_CPU", description="Where the instances run")
+
+
+class TritonParameterSpec(SpecModel):
+    """A Triton model parameter value (config.pbtxt `parameters { key: ... value: { string_value: ... } }`)."""
+
+    string_value: str = Field(description="The value, always a string in Triton's config")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_scalar(cls, data: Any) -> Any:
+        if isinstance(data, (str, int, float, bool)):
+            return {"string_value": str(data)}
+        return data
+
+    @field_validator("string_value", mode="before")
+    @classmethod
+    def _stringify(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, (int, float, bool)) else v
+
+
+class TritonConfigSpec(SpecModel):
+    """Overrides merged into a Triton model's config."""
+
+    instance_group: list[InstanceGroupSpec] = Field(
+        default_factory=list, description="Instance groups, e.g. [{count: 1, kind: KIND_CPU}]"
+    )
+    parameters: dict[str, TritonParameterSpec] = Field(
+        default_factory=dict, description='Model parameters, e.g. {delay: {string_value: "0"}}'
+    )
+    max_batch_size: int | None = Field(None, ge=0, description="Largest batch the model accepts (0: no batching)")
+    dynamic_batching: dict[str, Any] | None = Field(None, description="Triton dynamic_batching settings, passed as is")
+
+
+class OperatorSpec(SpecModel):
+    """One operator: a named, versioned request handler that workers host."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Requests address the operator by this name")
+    kind: OperatorKindSpec = Field("python", description="python | triton | vllm | trtllm | router | frontend")
+    implementation: str | None = Field(
+        None, pattern=IMPLEMENTATION_PATTERN, description='kind python: "module:Class" (module on python_path)'
+    )
+    version: int = Field(1, ge=1, description="Operator version; requests may ask for one")
+    max_inflight_requests: int = Field(1, ge=1, description="Requests one worker runs at once for this operator")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="Free-form values passed to the operator")
+    log_level: LogLevel = Field("INFO", description="Logging level inside the operator")
+    repository: str | None = Field(None, description="kind triton: model repository directory (relative to the YAML)")
+    model_name: str | None = Field(None, description="kind triton: model in the repository (default: the operator name)")
+    triton_config: TritonConfigSpec | None = Field(None, description="kind triton: config overrides")
+    model: str | None = Field(None, description="kind vllm/trtllm: model path (relative to the YAML if it starts with . or /) or hub id")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="kind vllm/trtllm: engine arguments, passed as is")
+    role: Literal["both", "context", "generation"] = Field("both", description="kind vllm/trtllm: disaggregated role")
+    targets: list[str] = Field(default_factory=list, description="kind router/frontend: operators requests go to")
+    protocol: Literal["openai", "kserve"] | None = Field(None, description="kind frontend: HTTP API it serves")
+    host: str | None = Field(None, description="kind frontend: address to listen on (default 0.0.0.0)")
+    port: int | None = Field(None, ge=0, le=65535, description="kind frontend: TCP port (0: pick a free one)")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+
+# ---------------------------------------------------------------- workers
+
+
+class PlacementSpec(SpecModel):
+    """Where one worker process runs and which devices it sees."""
+
+    gpus: int = Field(0, ge=0, description="GPUs per process; tdist picks which (0: CPU only)")
+    gpu_ids: list[int] | None = Field(None, description="Exact GPU ids per process instead of a count")
+    gpu_fraction: float | None = Field(
+        None, gt=0, le=1, description="Share of each GPU a process uses; processes may share a GPU up to 1.0"
+    )
+    cpu_ids: list[int] = Field(default_factory=list, description="CPU cores to bind the process to")
+    node: int | None = Field(None, ge=0, description="Node index (into cluster) to place the processes on")
+
+    @field_validator("gpu_ids")
+    @classmethod
+    def _ids(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if any(i < 0 for i in v):
+                raise ValueError("GPU ids are >= 0")
+            if len(set(v)) != len(v):
+                raise ValueError("GPU ids must not repeat")
+        return v
+
+
+class WorkerSpec(SpecModel):
+    """A group of identical worker processes hosting one or more operators."""
+
+    name: str = Field(pattern=NAME_PATTERN, description='Worker group name; processes are "{name}.{i}"')
+    operators: list[str] = Field(min_length=1, description="Names of the operators each process hosts")
+    replicas: int = Field(1, ge=1, description="How many processes of this worker run")
+    placement: PlacementSpec = Field(default_factory=PlacementSpec, description="Devices and node")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment for these processes")
+
+    @field_validator("operators", mode="before")
+    @classmethod
+    def _one(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+# ---------------------------------------------------------------- LLM layouts
+
+
+class ServerSetSpec(SpecModel):
+    """A set of identical LLM engine instances (the seed's context_servers / generation_servers)."""
+
+    num_instances: int = Field(1, ge=1, description="Engine instances in this set")
+    tp_size: int = Field(
+        1, ge=1, validation_alias=AliasChoices("tp_size", "tensor_parallel_size"), description="Tensor-parallel ranks per instance"
+    )
+    pp_size: int = Field(
+        1, ge=1, validation_alias=AliasChoices("pp_size", "pipeline_parallel_size"), description="Pipeline-parallel ranks per instance"
+    )
+    gpu_fraction: float | None = Field(None, gt=0, le=1, description="Share of each GPU a rank uses (lets ranks share GPUs)")
+    urls: list[str] = Field(default_factory=list, description='Optional "host:port" per instance; the host places it')
+    kv_cache_config: dict[str, Any] = Field(default_factory=dict, description="Engine KV-cache settings, passed as is")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="Engine args for this set (over llm.engine_args)")
+    operator: str | None = Field(None, pattern=NAME_PATTERN, description="Operator name (default: llm/context/generation)")
+    max_inflight_requests: int = Field(16, ge=1, description="Requests one instance runs at once")
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, v: list[str]) -> list[str]:
+        for u in v:
+            if not re.match(r"^[A-Za-z0-9_.-]+:\d{1,5}$", u):
+                raise ValueError(f"url {u!r} must be host:port")
+        return v
+
+    @property
+    def ranks_per_instance(self) -> int:
+        return self.tp_size * self.pp_size
+
+
+class DisaggLayoutFile(SpecModel):
+    """The seed's disaggregated server layout file (configs/*.yaml), referenced by `llm.layout_file`."""
+
+    model: str | None = Field(None, description="Model path or hub id")
+    hostname: str | None = Field(None, description="Where the serving frontend listens")
+    port: int | None = Field(None, ge=0, le=65535, description="Frontend TCP port")
+    backend: str | None = Field(None, description='Engine backend, e.g. "pytorch" (TensorRT-LLM)')
+    context_servers: ServerSetSpec | None = Field(None, description="Prefill (context) servers")
+    generation_servers: ServerSetSpec | None = Field(None, description="Decode (generation) servers")
+
+
+class LLMSpec(SpecModel):
+    """An LLM served by engine instances: monolithic (`servers`) or disaggregated (context + generation)."""
+
+    model: str | None = Field(None, description="Model path (relative to the YAML if it starts with . or /) or hub id")
+    engine: Literal["vllm", "trtllm"] = Field("vllm", description="Engine that runs the model")
+    backend: str | None = Field(None, description='Engine backend, e.g. "pytorch" for TensorRT-LLM')
+    hostname: str | None = Field(None, description="Default listen address for the frontend")
+    port: int | None = Field(None, ge=0, le=65535, description="Default TCP port for the frontend")
+    layout_file: str | None = Field(None, description="Seed-style layout YAML (relative to this YAML); graph keys win")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="Engine args for every server set")
+    router: str | None = Field(None, description="Router operator in front of the servers (default: the only router)")
+    servers: ServerSetSpec | None = Field(None, description="Monolithic servers (prefill and decode in one engine)")
+    context_servers: ServerSetSpec | None = Field(None, description="Disaggregated prefill servers")
+    generation_servers: ServerSetSpec | None = Field(None, description="Disaggregated decode servers")
+
+    def server_sets(self) -> list[tuple[str, str, ServerSetSpec]]:
+        """(yaml key, role, set) for each declared set, in rank order."""
+        out = []
+        for key, role in (("servers", "both"), ("context_servers", "context"), ("generation_servers", "generation")):
+            s = getattr(self, key)
+            if s is not None:
+                out.append((key, role, s))
+        return out
+
+
+# ---------------------------------------------------------------- cluster and launch
+
+
+class ClusterSpec(SpecModel):
+    """The machines the graph runs on (used for placement checks and multi-node launches)."""
+
+    nodes: int = Field(1, ge=1, description="Number of nodes")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs on each node (0: CPU-only)")
+    hosts: list[str] = Field(default_factory=list, description="Node hostnames, one per node (optional)")
+
+
+class LocalLaunchSpec(SpecModel):
+    """Settings for `--launcher local` (processes on this machine)."""
+
+    log_dir: str = Field("logs", description="Worker logs directory (relative to the run directory)")
+    metrics_port_base: int = Field(0, ge=0, le=65535, description="Metrics port of worker 0 (worker i: base+i); 0: each picks a free one")
+    startup_timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for all workers to report ready")
+    restart_on_crash: bool = Field(True, description="Restart a worker that dies unexpectedly")
+
+
+class MpirunLaunchSpec(SpecModel):
+    """Settings for `--launcher mpirun`."""
+
+    allow_run_as_root: bool | None = Field(None, description="Pass --allow-run-as-root (default: when running as root)")
+    oversubscribe: bool = Field(False, description="Pass --oversubscribe (more ranks than cores)")
+    extra_args: list[str] = Field(default_factory=list, description="Extra mpirun arguments, placed before the program")
+    env: list[str] = Field(default_factory=list, description="Names of environment variables to pass to the ranks (-x)")
+
+
+class SrunLaunchSpec(SpecModel):
+    """Settings for `--launcher srun` / `sbatch` (Slurm)."""
+
+    nodes: int | None = Field(None, ge=1, description="--nodes (default: cluster.nodes)")
+    ntasks: int | None = Field(None, ge=1, description="--ntasks; must equal the world size if set")
+    ntasks_per_node: int | None = Field(None, ge=1, description="--ntasks-per-node (default: world / nodes, rounded up)")
+    partition: str | None = Field(None, description="--partition")
+    account: str | None = Field(None, description="--account")
+    time_limit: str | None = Field(None, pattern=r"^(\d+-)?\d+(:\d{2}){0,2}$", description="--time, e.g. 01:00:00")
+    job_name: str | None = Field(None, description="--job-name (default: the graph name)")
+    output: str | None = Field(None, description="sbatch --output (default: <run dir>/logs/slurm-%j.out)")
+    mpi: str = Field("pmix", description="--mpi plugin (pmix works with Open MPI; pmi2 does not)")
+    container_image: str | None = Field(None, description="Pyxis --container-image")
+    container_mounts: list[str] = Field(default_factory=list, description='Pyxis --container-mounts entries "src:dst"')
+    extra_args: list[str] = Field(default_factory=list, description="Extra srun arguments, placed before the program")
+    env: list[str] = Field(default_factory=list, description="Names of environment variables to pass (added to --export)")
+    nats_port: int = Field(4222, ge=1, le=65535, description="Port of the embedded nats-server the batch script starts")
+    etcd_port: int = Field(2379, ge=1, le=65535, description="Port of the embedded etcd the batch script starts")
+
+
+class LaunchSpec(SpecModel):
+    """How the graph is started, per launcher."""
+
+    python: str = Field("python", description="Python executable the ranks run")
+    local: LocalLaunchSpec = Field(default_factory=LocalLaunchSpec, description="--launcher local")
+    mpirun: MpirunLaunchSpec = Field(default_factory=MpirunLaunchSpec, description="--launcher mpirun")
+    srun: SrunLaunchSpec = Field(default_factory=SrunLaunchSpec, description="--launcher srun / sbatch")
+
+
+# ---------------------------------------------------------------- the graph
+
+
+class GraphSpec(SpecModel):
+    """One deployment: operators, the workers hosting them, planes, cluster and launch settings."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Deployment name (namespaces subjects, streams, keys)")
+    description: str | None = Field(None, description="Free text for people")
+    python_path: list[str] = Field(default_factory=list, description="Directories (relative to the YAML) put on PYTHONPATH")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment for every worker")
+    request_plane: RequestPlaneSpec = Field(default_factory=RequestPlaneSpec, description="`embedded` or nats:// URL (or a mapping)")
+    data_plane: DataPlaneSpec = Field(default_factory=DataPlaneSpec, description="Tensor transport")
+    discovery: DiscoverySpec = Field(default_factory=DiscoverySpec, description="`nats` or `etcd` (or a mapping)")
+    operators: list[OperatorSpec] = Field(default_factory=list, description="Operators in the graph")
+    workers: list[WorkerSpec] = Field(default_factory=list, description="Worker groups hosting the operators")
+    llm: LLMSpec | None = Field(None, description="LLM engine servers (monolithic or disaggregated)")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Nodes and GPUs")
+    launch: LaunchSpec = Field(default_factory=LaunchSpec, description="Launcher settings")
+
+    _base_dir: str | None = PrivateAttr(None)
+    _file: str | None = PrivateAttr(None)
+
+    @property
+    def base_dir(self) -> str | None:
+        """Directory relative paths resolve against (the YAML's directory); set by the loader."""
+        return self._base_dir
+
+    @property
+    def file(self) -> str | None:
+        """The YAML file this spec came from (for messages)."""
+        return self._file
