@@ -91,6 +91,10 @@ class WorkerConfig(_Frozen):
     rank: int | None = Field(None, description="MPI/Slurm rank when launched as one world")
     world_size: int | None = Field(None, description="Ranks in the world")
     local_rank: int | None = Field(None, description="Rank on its node (GPU choice under mpirun/srun)")
+    node_index: int | None = Field(None, description="Index of the node the plan places it on (0: the launch node)")
+    instance: int | None = Field(None, description="LLM engine instance this rank belongs to (index within the component)")
+    instance_rank: int | None = Field(None, description="Rank within its engine instance (0: the leader that serves requests)")
+    instance_size: int | None = Field(None, description="Ranks in its engine instance (tp_size x pp_size)")
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
