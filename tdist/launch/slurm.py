@@ -1,0 +1,195 @@
+"""`--launcher srun` (inside an allocation) and `--launcher sbatch` (submit the plan's batch script).
+
+srun: one `srun --mpi=pmix ... python -m tdist.runtime.worker --plan plan.json` step whose tasks
+pick `workers[SLURM_PROCID]`; it runs detached like mpirun (see launch/mpirun.py) and SIGTERM to
+srun ends the step on every node. sbatch: the script text comes from `tdist.plan.emit_sbatch`;
+we write it to `<run>/job.sbatch`, submit it with `sbatch --parsable`, and record the job id —
+`tdist stop` is `scancel` plus a bounded wait until `squeue` no longer lists the job.
+Per-rank logs: srun's `--output <run>/logs/rank-%t.log` (written by each node's slurmstepd, so the
+run directory must be on a filesystem the nodes share, as it is on a Slurm cluster).
+
+Every Slurm command gets the caller's environment (SLURM_CONF included: scripts/cluster.sh's
+test cluster is found that way) and a timeout; a failure is a LaunchError with the command's
+own output.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from tdist.errors import LaunchError
+from tdist.launch.mpirun import WorldRecord, start_world_process
+
+JOB_SCRIPT = "job.sbatch"
+ACTIVE_STATES = frozenset(
+    {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING", "SIGNALING", "STAGE_OUT"}
+)
+
+
+def find_slurm_command(name: str) -> str:
+    path = shutil.which(name)
+    if not path:
+        raise LaunchError(
+            f"{name} not found: run on a Slurm login node (apt-get install slurm-client), or bring up the "
+            "local test cluster with scripts/cluster.sh up"
+        )
+    return path
+
+
+def _run(argv: list[str], env: dict[str, str] | None = None, timeout_s: float = 30.0) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        raise LaunchError(f"{' '.join(argv)} did not answer within {timeout_s:.0f}s (is slurmctld up?)") from e
+
+
+# ---------------------------------------------------------------- sbatch
+
+
+def parse_job_id(sbatch_stdout: str) -> str:
+    """`sbatch --parsable` prints `<id>` or `<id>;<cluster>`; plain sbatch `Submitted batch job <id>`."""
+    text = sbatch_stdout.strip()
+    if text.startswith("Submitted batch job"):
+        text = text.split()[-1]
+    job_id = text.splitlines()[-1].split(";")[0].strip() if text else ""
+    if not job_id.isdigit():
+        raise LaunchError(f"could not read a job id from sbatch's output: {sbatch_stdout!r}")
+    return job_id
+
+
+def submit_sbatch(
+    script_text: str,
+    run_dir: str | os.PathLike[str],
+    *,
+    env: dict[str, str] | None = None,
+    ranks: int = 0,
+) -> WorldRecord:
+    """Write the plan's batch script to `<run>/job.sbatch`, submit it, record the job id."""
+    run = Path(run_dir)
+    (run / "logs").mkdir(parents=True, exist_ok=True)
+    script = run / JOB_SCRIPT
+    script.write_text(script_text)
+    script.chmod(0o755)
+    env = dict(os.environ if env is None else env)
+    argv = [find_slurm_command("sbatch"), "--parsable", str(script)]
+    res = _run(argv, env=env, timeout_s=60)
+    if res.returncode != 0:
+        raise LaunchError(
+            f"sbatch rejected the job (exit {res.returncode})",
+            log_tail=(res.stderr or res.stdout).strip(),
+            log_path=str(script),
+        )
+    job_id = parse_job_id(res.stdout)
+    record = WorldRecord(
+        launcher="sbatch",
+        argv=argv,
+        run_dir=str(run),
+        log_path=str(run / "logs" / f"slurm-{job_id}.out"),
+        job_id=job_id,
+        ranks=ranks,
+        slurm_conf=env.get("SLURM_CONF"),
+    )
+    record.save()
+    return record
+
+
+def job_state(job_id: str, *, env: dict[str, str] | None = None) -> str | None:
+    """The job's state from squeue (RUNNING, PENDING, ...), None once squeue no longer lists it."""
+    res = _run([find_slurm_command("squeue"), "-h", "-j", str(job_id), "-o", "%T"], env=env)
+    if res.returncode != 0:
+        # squeue -j on a job that left the controller's memory: "Invalid job id specified".
+        if "Invalid job id" in res.stderr:
+            return None
+        raise LaunchError(f"squeue failed (exit {res.returncode})", log_tail=res.stderr.strip())
+    lines = [ln.strip() for ln in res.stdout.splitlines() if ln.strip()]
+    return lines[0] if lines else None
+
+
+def job_active(job_id: str | None, *, env: dict[str, str] | None = None) -> bool:
+    return bool(job_id) and (job_state(str(job_id), env=env) or "") in ACTIVE_STATES
+
+
+def job_nodes(job_id: str, *, env: dict[str, str] | None = None) -> list[str]:
+    """Hostnames of the job's nodes (empty while pending)."""
+    res = _run([find_slurm_command("squeue"), "-h", "-j", str(job_id), "-o", "%N"], env=env)
+    nodelist = res.stdout.strip()
+    if res.returncode != 0 or not nodelist or nodelist.startswith("("):
+        return []
+    exp = _run([find_slurm_command("scontrol"), "show", "hostnames", nodelist], env=env)
+    return [h for h in exp.stdout.split() if h] if exp.returncode == 0 else [nodelist]
+
+
+def cancel_job(job_id: str, *, env: dict[str, str] | None = None, timeout_s: float = 60.0) -> bool:
+    """scancel the job and wait (bounded) until squeue no longer lists it. True when it is gone."""
+    res = _run([find_slurm_command("scancel"), str(job_id)], env=env)
+    if res.returncode != 0 and "Invalid job id" not in res.stderr and "already completing" not in res.stderr:
+        raise LaunchError(f"scancel {job_id} failed (exit {res.returncode})", log_tail=res.stderr.strip())
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if job_state(job_id, env=env) is None:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def wait_job_running(job_id: str, *, env: dict[str, str] | None = None, timeout_s: float = 120.0, log_path: str | None = None) -> list[str]:
+    """Wait until the job runs; returns its nodes. LaunchError if it ends or stays pending."""
+    deadline = time.monotonic() + timeout_s
+    state: str | None = "PENDING"
+    while time.monotonic() < deadline:
+        state = job_state(job_id, env=env)
+        if state == "RUNNING":
+            return job_nodes(job_id, env=env)
+        if state is None or state not in ACTIVE_STATES:
+            break
+        time.sleep(0.2)
+    reason = ""
+    res = _run([find_slurm_command("squeue"), "-h", "-j", str(job_id), "-o", "%r"], env=env)
+    if res.returncode == 0 and res.stdout.strip():
+        reason = f" (reason: {res.stdout.strip()})"
+    from tdist.launch.mpirun import tail
+
+    raise LaunchError(
+        f"Slurm job {job_id} is {state or 'gone'} instead of RUNNING after {timeout_s:.0f}s{reason}",
+        log_tail=tail(log_path) if log_path else None,
+        log_path=log_path,
+    )
+
+
+def squeue_jobs(*, env: dict[str, str] | None = None) -> list[str]:
+    """Ids of every job squeue lists (for `stop leaves an empty squeue`)."""
+    res = _run([find_slurm_command("squeue"), "-h", "-o", "%i"], env=env)
+    return [ln.strip() for ln in res.stdout.splitlines() if ln.strip()]
+
+
+# ---------------------------------------------------------------- srun
+
+
+def in_allocation(env: dict[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    return bool(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID"))
+
+
+def start_srun(
+    argv: list[str],
+    run_dir: str | os.PathLike[str],
+    *,
+    env: dict[str, str] | None = None,
+    ranks: int = 0,
+    require_allocation: bool = True,
+) -> WorldRecord:
+    """Start the plan's srun step detached; SIGTERM to it (tdist stop) ends the step everywhere."""
+    env = dict(os.environ if env is None else env)
+    if require_allocation and not in_allocation(env):
+        raise LaunchError(
+            "--launcher srun runs inside a Slurm allocation (salloc/sbatch: SLURM_JOB_ID is not set); "
+            "use --launcher sbatch to submit a job instead"
+        )
+    _, record = start_world_process(argv, run_dir, launcher="srun", env=env, ranks=ranks)
+    record.job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    record.save()
+    return record
