@@ -1,0 +1,403 @@
+"""`tdist deploy | infer | status | stop`: commands that touch a running deployment."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tdist.errors import BadRequest, LaunchError, TdistError
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+# ---- deploy -----------------------------------------------------------------------------------
+
+
+def _plan_graph(graph: Path, launcher: str, name: Optional[str]) -> Any:
+    from tdist.plan import build_plan
+    from tdist.spec import load_graph
+
+    spec = load_graph(graph)
+    if name:
+        spec = spec.model_copy(update={"name": name})
+    return build_plan(spec, launcher=launcher)
+
+
+def _embedded_nats(plan: Any) -> bool:
+    return plan.nats_url is None
+
+
+def deploy(
+    graph: Path = typer.Argument(..., exists=True, dir_okay=False, help="Graph YAML to deploy."),
+    detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background; manage it with status/infer/stop."),
+    launcher: str = typer.Option("local", "--launcher", help="local | mpirun | srun | sbatch"),
+    name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default: the graph's name)."),
+    nats_url: Optional[str] = typer.Option(None, "--nats-url", envvar="NATS_SERVER", help="Use this NATS instead of the graph's request plane."),
+    startup_timeout_s: float = typer.Option(120.0, "--startup-timeout-s", help="Give up if workers are not ready by then."),
+    no_restart: bool = typer.Option(False, "--no-restart", help="Do not restart crashed workers."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run, start nothing."),
+) -> None:
+    """Deploy a graph: start NATS (embedded by default) and every worker, wait until all are ready."""
+    from tdist.launch.rundir import RunState, live_runs, run_dir_for
+
+    plan = _plan_graph(graph, launcher, name)
+    if launcher != "local":
+        from tdist.cli import multinode_cmds
+
+        multinode_cmds.deploy_world(plan, graph=graph, detach=detach, dry_run=dry_run, nats_url=nats_url, startup_timeout_s=startup_timeout_s)
+        return
+    url = nats_url or plan.nats_url
+    if dry_run:
+        for w in plan.workers:
+            out.print(f"{w.name}: {sys.executable} -m tdist.runtime.worker --config <run-dir>/workers/{w.name}.json")
+        out.print(f"request plane: {url or 'embedded nats-server (started by tdist)'}")
+        return
+    if any(r.deployment == plan.deployment for r in live_runs()):
+        raise LaunchError(f"deployment {plan.deployment!r} is already running; stop it first (tdist stop --name {plan.deployment}) or pass --name")
+    run_dir = run_dir_for(plan.deployment)
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "logs").mkdir()
+    (run_dir / "plan.json").write_text(plan.model_dump_json(indent=2))
+    (run_dir / "launch.json").write_text(
+        json.dumps(
+            {
+                "deployment": plan.deployment,
+                "nats_url": url,
+                "startup_timeout_s": startup_timeout_s,
+                "restart": not no_restart,
+                "graph": str(graph.resolve()),
+            }
+        )
+    )
+    if detach:
+        _deploy_detached(run_dir, plan, startup_timeout_s)
+    else:
+        _deploy_foreground(run_dir, plan)
+
+
+def _deploy_detached(run_dir: Path, plan: Any, startup_timeout_s: float) -> None:
+    from tdist.launch.rundir import RunState
+
+    log = open(run_dir / "logs" / "supervisor.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tdist.launch.supervisor", "--run-dir", str(run_dir)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    total = len(plan.workers)
+    deadline = time.monotonic() + startup_timeout_s + 30
+    with err.status(f"starting {plan.deployment}: 0/{total} workers ready") as status:
+        while True:
+            state = None
+            try:
+                state = RunState.load(run_dir / "state.json")
+            except (OSError, ValueError, TypeError):
+                pass
+            if state is not None and state.state == "ready":
+                break
+            if state is not None and state.state == "failed":
+                raise LaunchError(f"deployment {plan.deployment} failed to start: {state.error}")
+            if proc.poll() is not None:
+                tail = (run_dir / "logs" / "supervisor.log").read_text(errors="replace").splitlines()[-15:]
+                raise LaunchError(
+                    f"supervisor exited with code {proc.returncode}" + (f": {state.error}" if state and state.error else ""),
+                    log_tail="\n".join(tail), log_path=str(run_dir / "logs" / "supervisor.log"),
+                )
+            if time.monotonic() > deadline:
+                proc.terminate()
+                raise LaunchError(f"deployment {plan.deployment} not ready in time", log_path=str(run_dir / "logs"))
+            if state is not None:
+                running = sum(1 for w in state.workers.values() if w.state == "running")
+                status.update(f"starting {plan.deployment}: {running}/{total} workers started, waiting for ready")
+            time.sleep(0.1)
+    state = RunState.load(run_dir / "state.json")
+    _print_deployed(state)
+    out.print(f"detached (supervisor pid {proc.pid}); run dir {run_dir}\n  tdist status · tdist infer --component NAME ... · tdist stop")
+
+
+def _deploy_foreground(run_dir: Path, plan: Any) -> None:
+    from tdist.launch.supervisor import supervisor_from_run_dir
+
+    sup = supervisor_from_run_dir(run_dir)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        with err.status(f"starting {plan.deployment}") as status:
+            def progress(ready: int, total: int, waiting: str) -> None:
+                status.update(f"starting {plan.deployment}: {ready}/{total} workers ready" + (f" (waiting: {waiting})" if waiting else ""))
+
+            await sup.start(progress)
+        _print_deployed(sup.state)
+        out.print("serving; Ctrl-C (or `tdist stop`) stops everything")
+        await sup.supervise(stop)
+        with err.status("stopping: draining workers"):
+            await sup.stop()
+        out.print(f"stopped {plan.deployment}")
+
+    asyncio.run(main())
+
+
+def _print_deployed(state: Any) -> None:
+    t = Table(title=f"deployment {state.deployment} ready", title_justify="left")
+    for col in ("component", "worker", "pid", "log"):
+        t.add_column(col)
+    for w in state.workers.values():
+        t.add_row(w.component, w.name, str(w.pid), w.log or "")
+    out.print(t)
+    out.print(f"request plane: {state.nats_url}" + (" (embedded)" if state.nats_embedded else ""))
+
+
+# ---- connecting to a deployment ----------------------------------------------------------------
+
+
+async def _client_for(name: Optional[str], nats_url: Optional[str]) -> Any:
+    from tdist.launch.rundir import find_run
+    from tdist.runtime.config import DiscoveryConfig
+    from tdist.runtime.planes.request import RequestClient
+
+    if nats_url:
+        if not name:
+            raise BadRequest("with --nats-url, name the deployment with --name")
+        return await RequestClient.connect(nats_url, name)
+    state = find_run(name)
+    if not state.nats_url:
+        raise LaunchError(f"deployment {state.deployment} has no NATS URL recorded yet (state: {state.state})")
+    disc = DiscoveryConfig(kind=state.discovery, etcd_endpoints=state.etcd_endpoints)  # type: ignore[arg-type]
+    return await RequestClient.connect(state.nats_url, state.deployment, discovery=disc)
+
+
+# ---- infer ------------------------------------------------------------------------------------
+
+
+def parse_input(text: str) -> tuple[str, Any]:
+    """`name=[1,2,3]`, `name:float32=[[1,2]]`, `name=@file.npy`, `name="text"` → (name, array)."""
+    import numpy as np
+
+    if "=" not in text:
+        raise BadRequest(f"--input {text!r}: expected NAME=VALUE (VALUE: JSON list/number/string or @file.npy)")
+    key, value = text.split("=", 1)
+    name, _, dtype = key.partition(":")
+    name = name.strip()
+    if not name:
+        raise BadRequest(f"--input {text!r}: empty input name")
+    if value.startswith("@"):
+        try:
+            arr = np.load(value[1:], allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise BadRequest(f"--input {name}: cannot load {value[1:]}: {exc}") from None
+    else:
+        try:
+            data = json.loads(value)
+        except ValueError:
+            data = value  # a bare string
+        if isinstance(data, str) or (isinstance(data, list) and data and all(isinstance(x, str) for x in data)):
+            arr = np.array([data] if isinstance(data, str) else data, dtype=object)
+            arr = np.array([s.encode() for s in arr.reshape(-1)], dtype=object).reshape(arr.shape)
+        else:
+            try:
+                arr = np.asarray(data)
+            except ValueError as exc:
+                raise BadRequest(f"--input {name}: {exc}") from None
+    if dtype:
+        try:
+            arr = arr.astype(dtype)
+        except TypeError as exc:
+            raise BadRequest(f"--input {name}: bad dtype {dtype!r}: {exc}") from None
+    return name, arr
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise BadRequest(f"--param {text!r}: expected KEY=VALUE")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _show(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            return [v.decode(errors="replace") if isinstance(v, bytes) else v for v in value.reshape(-1).tolist()]
+        return value.tolist()
+    return value
+
+
+def infer(
+    component: str = typer.Option(..., "--component", "-c", help="Operator to call (e.g. encoder_decoder, router)."),
+    inputs: list[str] = typer.Option([], "--input", "-i", help="NAME=[1,2,3] | NAME:float32=[...] | NAME=@file.npy (repeatable)."),
+    params: list[str] = typer.Option([], "--param", "-p", help="KEY=VALUE request parameter (JSON values parsed; repeatable)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt (LLM operators); streams text as it arrives."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="LLM: tokens to generate."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="LLM: sampling temperature."),
+    instance: Optional[str] = typer.Option(None, "--instance", help="Send to this worker instance only (e.g. encoder.1)."),
+    timeout_s: float = typer.Option(60.0, "--timeout-s", help="Request deadline."),
+    requests: int = typer.Option(1, "--requests", "-n", min=1, help="Send this many requests (a load run)."),
+    concurrency: int = typer.Option(1, "--concurrency", min=1, help="Requests in flight during a load run."),
+    name: Optional[str] = typer.Option(None, "--name", help="Deployment (default: the only one running)."),
+    nats_url: Optional[str] = typer.Option(None, "--nats-url", help="Talk to this NATS directly (with --name)."),
+    as_json: bool = typer.Option(False, "--json", help="Print responses as JSON lines."),
+) -> None:
+    """Send a request (or a load of them) to an operator and print what comes back."""
+    tensors = dict(parse_input(i) for i in inputs)
+    parameters = dict(parse_param(p) for p in params)
+    if prompt is not None:
+        parameters["prompt"] = prompt
+    if max_tokens is not None:
+        parameters["max_tokens"] = max_tokens
+    if temperature is not None:
+        parameters["temperature"] = temperature
+    if requests > 1:
+        from tdist.cli.load import run_load
+
+        asyncio.run(run_load(_client_for(name, nats_url), component, tensors, parameters, requests, concurrency, timeout_s, instance, out))
+        return
+    asyncio.run(_infer_once(component, tensors, parameters, instance, timeout_s, name, nats_url, as_json, prompt is not None))
+
+
+async def _infer_once(component: str, tensors: dict[str, Any], parameters: dict[str, Any], instance: Optional[str],
+                      timeout_s: float, name: Optional[str], nats_url: Optional[str], as_json: bool, streaming_text: bool) -> None:
+    client = await _client_for(name, nats_url)
+    try:
+        t0 = time.perf_counter()
+        first: float | None = None
+        chunks = 0
+        async for resp in client.infer(component, inputs=tensors, parameters=parameters, timeout_s=timeout_s, instance=instance):
+            chunks += 1
+            first = first or time.perf_counter()
+            if as_json:
+                print(json.dumps({"final": resp.final, "worker": resp.worker, "parameters": resp.parameters,
+                                  "outputs": {k: _show(v) for k, v in resp.outputs.items()}}), flush=True)
+                continue
+            text = resp.parameters.get("text")
+            if streaming_text and isinstance(text, str):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                if resp.final:
+                    sys.stdout.write("\n")
+                continue
+            for k, v in resp.outputs.items():
+                out.print(f"{k}: {_show(v)}")
+            shown = {k: v for k, v in resp.parameters.items()}
+            if shown:
+                out.print(f"parameters: {json.dumps(shown)}")
+        if streaming_text and not as_json:
+            total = time.perf_counter() - t0
+            err.print(f"[dim]{chunks} chunk(s); first after {(first or t0) - t0:.3f} s; total {total:.3f} s[/]")
+    finally:
+        await client.close()
+
+
+# ---- status -----------------------------------------------------------------------------------
+
+
+def status(
+    name: Optional[str] = typer.Option(None, "--name", help="Deployment (default: the only one running)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Components → workers: state, host, pid, in-flight, served, errors, uptime, heartbeat age."""
+    from tdist.launch.rundir import find_run
+
+    state = find_run(name)
+    entries: dict[str, dict[str, Any]] = {}
+    problem: str | None = None
+    if state.nats_url:
+        async def fetch() -> dict[str, dict[str, Any]]:
+            client = await _client_for(state.deployment, None)
+            try:
+                return await client.workers(max_age_s=0)
+            finally:
+                await client.close()
+
+        try:
+            entries = asyncio.run(fetch())
+        except TdistError as exc:
+            problem = exc.render()
+    now = time.time()
+    components: dict[str, dict[str, Any]] = {}
+    for comp in state.components:
+        components[comp] = {"operators": state.operators.get(comp, []), "workers": []}
+    for wname, e in sorted(entries.items()):
+        comp = e.get("component", "?")
+        components.setdefault(comp, {"operators": e.get("operators", []), "workers": []})
+        rec = state.workers.get(wname)
+        components[comp]["workers"].append({
+            **{k: e.get(k) for k in ("name", "state", "host", "pid", "rank", "inflight", "served", "errors", "metrics_port")},
+            "uptime_s": round(now - float(e.get("started_at", now)), 1),
+            "heartbeat_age_s": round(now - float(e.get("heartbeat_at", now)), 2),
+            "restarts": rec.restarts if rec else 0,
+            "operators": e.get("per_operator", {}),
+        })
+    unhealthy = [c for c, v in components.items() if not any(w["state"] == "ready" for w in v["workers"])]
+    if as_json:
+        print(json.dumps({"deployment": state.deployment, "state": state.state, "nats_url": state.nats_url,
+                          "components": components, "unhealthy": unhealthy, "error": problem}, indent=2))
+    else:
+        t = Table(title=f"{state.deployment} ({state.state}) · {state.nats_url}", title_justify="left")
+        for col in ("component", "worker", "state", "host", "pid", "in-flight", "served", "errors", "uptime", "heartbeat", "restarts"):
+            t.add_column(col, justify="right" if col in ("pid", "in-flight", "served", "errors", "restarts") else "left")
+        for comp, v in components.items():
+            if not v["workers"]:
+                t.add_row(comp, "—", "[red]no worker[/]", "", "", "", "", "", "", "", "")
+            for w in v["workers"]:
+                color = {"ready": "green", "starting": "yellow", "draining": "yellow"}.get(w["state"], "red")
+                t.add_row(comp, w["name"], f"[{color}]{w['state']}[/]", str(w["host"]), str(w["pid"]), str(w["inflight"]),
+                          str(w["served"]), str(w["errors"]), f"{w['uptime_s']:.0f}s", f"{w['heartbeat_age_s']:.1f}s", str(w["restarts"]))
+        out.print(t)
+        if problem:
+            err.print(f"[red]{problem}[/]")
+        if unhealthy:
+            err.print(f"[red]no ready worker:[/] {', '.join(unhealthy)}")
+    if unhealthy or problem:
+        raise typer.Exit(1)
+
+
+# ---- stop -------------------------------------------------------------------------------------
+
+
+def stop(
+    name: Optional[str] = typer.Option(None, "--name", help="Deployment (default: the only one running)."),
+    timeout_s: float = typer.Option(60.0, "--timeout-s", help="Wait this long for a clean drain before killing."),
+) -> None:
+    """Stop a deployment: drain workers, stop NATS, leave no process behind."""
+    from tdist.launch.local import stop_run
+    from tdist.launch.rundir import find_run
+
+    state = find_run(name)
+    if state.launcher != "local":
+        from tdist.cli import multinode_cmds
+
+        multinode_cmds.stop_world(state, timeout_s=timeout_s)
+        out.print(f"stopped {state.deployment}")
+        return
+    with err.status(f"stopping {state.deployment}"):
+        forced = stop_run(state, timeout_s=timeout_s)
+    out.print(f"stopped {state.deployment}" + (f" (killed: {', '.join(forced)})" if forced else ""))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("deploy")(deploy)
+    app.command("infer")(infer)
+    app.command("status")(status)
+    app.command("stop")(stop)
