@@ -122,8 +122,13 @@ wait_port() {  # readiness: poll a TCP port until it accepts, bounded by $3 seco
 }"""
 
 
-def emit_sbatch(plan: Plan, plan_path: str, *, python: str | None = None) -> str:
-    """A complete sbatch script: #SBATCH lines, env, embedded servers, service workers, the world."""
+def emit_sbatch(plan: Plan, plan_path: str, *, python: str | None = None, nats_url: str | None = None,
+                etcd_endpoints: str | None = None) -> str:
+    """A complete sbatch script: #SBATCH lines, env, embedded servers, service workers, the world.
+
+    An embedded request plane / etcd is started by the script on the batch host, unless
+    `nats_url` / `etcd_endpoints` name servers the caller already runs.
+    """
     s = plan.srun
     q = shlex.quote
     srun_line = emit_srun(plan, "$PLAN", python=python)
@@ -150,7 +155,9 @@ def emit_sbatch(plan: Plan, plan_path: str, *, python: str | None = None) -> str
               "PIDS=()",
               'cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; }',
               "trap cleanup EXIT", "", _WAIT_PORT]
-    if plan.request_plane == "embedded":
+    if plan.request_plane == "embedded" and nats_url:
+        lines += ["", f"export NATS_SERVER={q(nats_url)}"]
+    elif plan.request_plane == "embedded":
         store = q(os.path.join(plan.run_dir, "nats"))
         log = q(os.path.join(plan.log_dir, "nats-server.log"))
         lines += ["", "# Request plane: an embedded nats-server (JetStream) on the batch host.",
@@ -158,7 +165,9 @@ def emit_sbatch(plan: Plan, plan_path: str, *, python: str | None = None) -> str
                   "PIDS+=($!)",
                   f'export NATS_SERVER="nats://${{HEAD_NODE}}:{s.nats_port}"',
                   f'wait_port "$HEAD_NODE" {s.nats_port} 30']
-    if plan.discovery == "etcd" and plan.etcd_endpoints == "embedded":
+    if plan.discovery == "etcd" and plan.etcd_endpoints == "embedded" and etcd_endpoints:
+        lines += ["", f"export ETCD_ENDPOINTS={q(etcd_endpoints)}"]
+    elif plan.discovery == "etcd" and plan.etcd_endpoints == "embedded":
         data = q(os.path.join(plan.run_dir, "etcd"))
         log = q(os.path.join(plan.log_dir, "etcd.log"))
         p = s.etcd_port

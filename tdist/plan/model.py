@@ -83,6 +83,11 @@ class Plan(_Frozen):
     workers: list[WorkerConfig] = Field(description="One WorkerConfig per process; index = rank for the world")
 
     @property
+    def nats_url(self) -> str | None:
+        """The NATS URL the graph names; None when embedded (the launcher starts one, sets NATS_SERVER)."""
+        return None if self.request_plane == "embedded" else self.request_plane
+
+    @property
     def world_workers(self) -> list[WorkerConfig]:
         """The ranks mpirun/srun start."""
         return self.workers[: self.world_size]

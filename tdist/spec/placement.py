@@ -82,7 +82,9 @@ class _Gpus:
         nodes = [node] if node is not None else range(self.cursor, len(self.free))
         for n in nodes:
             gpus = self.free[n]
-            ids = [g for g in range(self.per_node) if gpus[g] >= share and (n, g) not in exclude][:count]
+            # spread: the emptiest GPUs first (ties: lowest id), so shares fill GPUs evenly
+            free = [g for g in range(self.per_node) if gpus[g] >= share and (n, g) not in exclude]
+            ids = sorted(free, key=lambda g: (-gpus[g], g))[:count] if len(free) > count else free
             if len(ids) == count:
                 for g in ids:
                     gpus[g] -= share

@@ -1,0 +1,157 @@
+"""`tdist validate` and `tdist plan`: check graphs and show exactly what `deploy` would start."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from tdist.errors import SpecError, SpecErrors, TdistError
+
+
+class LauncherChoice(str, Enum):
+    local = "local"
+    mpirun = "mpirun"
+    srun = "srun"
+    sbatch = "sbatch"
+
+
+class FormatChoice(str, Enum):
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+    script = "script"
+
+
+def _out() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _err() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def validate(
+    graphs: list[Path] = typer.Argument(..., metavar="GRAPH...", help="Graph YAML files to check."),
+) -> None:
+    """Check graph YAMLs: schema, references, GPUs, ports. Exit 0 when all are valid, 2 otherwise.
+
+    Every problem names the file, line, YAML path, what was found and how to fix it.
+    """
+    from tdist.plan import build_plan
+    from tdist.spec import load_graph
+
+    out, err = _out(), _err()
+    failed: list[TdistError] = []
+    for path in graphs:
+        try:
+            spec = load_graph(path)
+            plan = build_plan(spec)
+        except TdistError as exc:
+            failed.append(exc)
+            continue
+        services = len(plan.service_workers)
+        out.print(f"[green]ok[/] {escape(str(path))}: {len(spec.operators)} operators, {len(plan.workers)} processes "
+                  f"(world {plan.world_size}" + (f" + {services} service" if services else "") + ")")
+    if not failed:
+        return
+    if len(failed) == 1:
+        raise failed[0]
+    errors: list[SpecError] = []
+    for exc in failed:
+        if isinstance(exc, SpecErrors):
+            errors.extend(exc.errors)
+        elif isinstance(exc, SpecError):
+            errors.append(exc)
+        else:
+            err.print("[bold red]error:[/] " + escape(exc.render()))
+    if errors:
+        raise SpecErrors(errors)
+    raise typer.Exit(2)
+
+
+def _table(plan, plan_path: str) -> None:  # noqa: ANN001
+    from tdist.plan import emit_mpirun, emit_srun
+
+    out = _out()
+    rp = plan.request_plane if plan.request_plane != "embedded" else "embedded nats-server (started by the launcher)"
+    disc = plan.discovery if plan.discovery == "nats" else f"etcd {plan.etcd_endpoints}"
+    out.print(f"[bold]{escape(plan.deployment)}[/] · launcher {plan.launcher} · world {plan.world_size} rank(s) "
+              f"on {plan.srun.nodes} node(s) · {len(plan.service_workers)} service worker(s)")
+    out.print(f"request plane: {escape(rp)} · discovery: {escape(disc)} · data plane: {plan.data_plane.kind} "
+              f"(inline ≤ {plan.data_plane.inline_threshold_bytes} B)")
+    table = Table(title_justify="left", show_lines=False)
+    for col in ("rank", "worker", "operators", "node", "GPUs", "metrics", "log"):
+        table.add_column(col, overflow="fold")
+    for i, w in enumerate(plan.workers):
+        ops = ", ".join(f"{o.name} ({o.kind}{'' if o.role == 'both' else ' ' + o.role})" for o in w.operators)
+        node = w.host or (str(w.node_index) if w.node_index is not None else "-")
+        gpus = ",".join(map(str, w.gpu_ids)) or "-"
+        if w.gpu_fraction is not None and w.gpu_ids:
+            gpus += f" @{w.gpu_fraction:g}"
+        rank = str(w.rank) if w.rank is not None else f"svc {i}"
+        metrics = "auto" if w.metrics_port == 0 else str(w.metrics_port)
+        table.add_row(rank, escape(w.name), escape(ops), escape(node), gpus, metrics,
+                      escape(os.path.relpath(w.log_path, plan.run_dir) if w.log_path else "-"))
+    out.print(table)
+    if plan.launcher == "mpirun":
+        out.print("[bold]command:[/] " + escape(shlex.join(emit_mpirun(plan, plan_path))))
+    elif plan.launcher == "srun":
+        out.print("[bold]command:[/] " + escape(shlex.join(emit_srun(plan, plan_path))))
+    elif plan.launcher == "sbatch":
+        out.print("(sbatch script: --format script)")
+
+
+def plan(
+    graph: Path = typer.Argument(..., metavar="GRAPH", help="Graph YAML to plan."),
+    launcher: LauncherChoice = typer.Option(LauncherChoice.local, "--launcher", "-l",
+                                            help="How the graph would start: local processes, mpirun, srun, or an sbatch job."),
+    fmt: FormatChoice = typer.Option(FormatChoice.table, "--format", "-f",
+                                     help="table: workers at a glance · json/yaml: the full plan (what workers read) · "
+                                          "script: the exact command (srun/sbatch: a complete sbatch script)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (logs, plan.json); default ./.tdist/<name>."),
+    plan_path: Optional[str] = typer.Option(None, "--plan-path", help="Where plan.json will be (default <run dir>/plan.json)."),
+) -> None:
+    """Show what `deploy` would start for GRAPH: every worker (rank, GPUs, ports, logs) and the launch command.
+
+    Pure: starts nothing, opens no socket. Example: tdist plan graphs/llm_disagg.yaml --launcher srun --format script
+    """
+    from tdist.plan import build_plan, emit_local, emit_mpirun, emit_sbatch
+    from tdist.spec import load_graph
+
+    spec = load_graph(graph)
+    p = build_plan(spec, launcher=launcher.value, run_dir=str(run_dir) if run_dir else None)
+    path = plan_path or os.path.join(p.run_dir, "plan.json")
+    out = _out()
+    if fmt is FormatChoice.json:
+        print(p.model_dump_json(indent=2))
+    elif fmt is FormatChoice.yaml:
+        import yaml
+
+        print(yaml.safe_dump(json.loads(p.model_dump_json()), sort_keys=False), end="")
+    elif fmt is FormatChoice.script:
+        if p.launcher in ("srun", "sbatch"):
+            print(emit_sbatch(p, path), end="")
+        elif p.launcher == "mpirun":
+            print(shlex.join(emit_mpirun(p, path)))
+        else:
+            print("#!/bin/bash\n# What `tdist deploy` starts (it also supervises, restarts and tears down).")
+            for w, argv in zip(p.workers, emit_local(p, path)):
+                print(f"{shlex.join(argv)} > {shlex.quote(w.log_path or os.devnull)} 2>&1 &  # {w.name}")
+    else:
+        _table(p, path)
+    del out
+
+
+def register(app: typer.Typer) -> None:
+    """Add `validate` and `plan` to the root app."""
+    app.command("validate")(validate)
+    app.command("plan")(plan)
