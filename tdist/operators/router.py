@@ -1,0 +1,343 @@
+"""`kind: router` — forwards LLM requests to the workers of its target operator and streams back.
+
+It lists the target's live instances from discovery (entries carry per-worker in-flight counts),
+picks one by policy and sends a *directed* request (`instance=`):
+
+* `round_robin` — each instance in turn;
+* `least_loaded` — fewest requests in flight: the larger of what the router itself has
+  outstanding there (exact, fresh) and what the worker last reported (covers other routers);
+* `prefix` — affinity: requests whose prompt shares its first `prefix_chars` characters go to
+  the same worker while it is alive and healthy (rendezvous hashing, so a second router picks
+  the same one), which is where the engine's prefix cache already holds that prefix.
+
+A worker that fails before it sent anything (gone, no responders, lost) is put in a cool-down
+(`failure_cooldown_s`) and the request is retried on another (`retries`); once tokens have
+streamed, a failure is the caller's (a stream cannot be replayed). Policies are pure classes
+(`select(key, candidates)`) so disaggregated serving (issue 9) can add a `kv` policy and pick
+among `role` context / generation instances without touching the forwarding loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol
+
+from tdist.errors import BadRequest, NoWorkerError, OperatorLoadError, RequestError, RequestTimeout, WorkerLost
+from tdist.operators.llm_common import parse_prompt
+from tdist.runtime.operator import Operator, OperatorContext, Request, current_client
+
+# ---------------------------------------------------------------------------------------------
+# instances as the router sees them
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One live instance of the target operator."""
+
+    name: str
+    reported_inflight: int = 0  # from its discovery entry (lags by a heartbeat)
+    local_inflight: int = 0  # requests this router has outstanding there now
+    role: str = "both"
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def load(self) -> int:
+        return max(self.reported_inflight, self.local_inflight)
+
+
+def inflight_of(entry: dict[str, Any], operator: str) -> int:
+    """Requests in flight (running + queued) for `operator` on a worker, from its discovery entry.
+
+    The worker publishes `per_operator: {op: {inflight, queued, ...}}`; a flat `inflight`
+    (int, or {op: int}) is accepted too.
+    """
+    per = entry.get("per_operator")
+    if isinstance(per, dict) and isinstance(per.get(operator), dict):
+        st = per[operator]
+        return int(st.get("inflight", 0) or 0) + int(st.get("queued", 0) or 0)
+    v = entry.get("inflight")
+    if isinstance(v, dict):
+        v = v.get(operator, 0)
+    if isinstance(v, (int, float)):
+        return int(v)
+    return 0
+
+
+def operator_stats(entry: dict[str, Any], operator: str) -> dict[str, Any]:
+    """The operator's own stats() block inside a discovery entry (empty if not published)."""
+    per = entry.get("per_operator")
+    if isinstance(per, dict) and isinstance(per.get(operator), dict):
+        st = per[operator].get("stats")
+        if isinstance(st, dict):
+            return st
+    return {}
+
+
+def role_of(entry: dict[str, Any], operator: str) -> str:
+    roles = entry.get("roles")
+    role = roles.get(operator) if isinstance(roles, dict) else None
+    role = role or operator_stats(entry, operator).get("role")
+    return str(role or "both")
+
+
+# ---------------------------------------------------------------------------------------------
+# policies (pure)
+
+
+@dataclass(frozen=True)
+class RouteKey:
+    """What a policy may look at: the routing text (prompt / flattened messages)."""
+
+    text: str = ""
+
+
+class Policy(Protocol):
+    name: str
+
+    def select(self, key: RouteKey, candidates: list[Candidate]) -> Candidate:
+        """Pick one of a non-empty list of healthy candidates."""
+
+
+class RoundRobin:
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def select(self, key: RouteKey, candidates: list[Candidate]) -> Candidate:
+        ordered = sorted(candidates, key=lambda c: c.name)
+        return ordered[next(self._counter) % len(ordered)]
+
+
+class LeastLoaded:
+    name = "least_loaded"
+
+    def __init__(self) -> None:
+        self._tiebreak = itertools.count()
+
+    def select(self, key: RouteKey, candidates: list[Candidate]) -> Candidate:
+        low = min(c.load for c in candidates)
+        tied = sorted((c for c in candidates if c.load == low), key=lambda c: c.name)
+        return tied[next(self._tiebreak) % len(tied)]  # rotate among equals, not always the first
+
+
+def _score(key: str, name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{key}\x00{name}".encode(), digest_size=8).digest(), "big")
+
+
+class PrefixAffinity:
+    """Same prefix → same instance while it is a candidate; new prefixes by rendezvous hashing."""
+
+    name = "prefix"
+
+    def __init__(self, prefix_chars: int = 64, table_size: int = 10000) -> None:
+        if prefix_chars < 1:
+            raise ValueError("prefix_chars must be ≥ 1")
+        self.prefix_chars = prefix_chars
+        self.table_size = table_size
+        self._sticky: OrderedDict[str, str] = OrderedDict()
+
+    def prefix(self, key: RouteKey) -> str:
+        return key.text[: self.prefix_chars]
+
+    def select(self, key: RouteKey, candidates: list[Candidate]) -> Candidate:
+        p = self.prefix(key)
+        by_name = {c.name: c for c in candidates}
+        held = self._sticky.get(p)
+        if held in by_name:
+            self._sticky.move_to_end(p)
+            return by_name[held]
+        chosen = max(candidates, key=lambda c: _score(p, c.name))
+        self._sticky[p] = chosen.name
+        self._sticky.move_to_end(p)
+        while len(self._sticky) > self.table_size:
+            self._sticky.popitem(last=False)
+        return chosen
+
+
+POLICIES = ("round_robin", "least_loaded", "prefix")
+
+
+def make_policy(name: str, parameters: dict[str, Any] | None = None) -> Policy:
+    parameters = parameters or {}
+    if name == "round_robin":
+        return RoundRobin()
+    if name == "least_loaded":
+        return LeastLoaded()
+    if name == "prefix":
+        return PrefixAffinity(prefix_chars=int(parameters.get("prefix_chars", 64)))
+    raise OperatorLoadError(f"router policy {name!r} unknown; use one of {', '.join(POLICIES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# health
+
+
+class Health:
+    """Instances that failed recently are skipped until their cool-down ends."""
+
+    def __init__(self, cooldown_s: float = 5.0) -> None:
+        self.cooldown_s = cooldown_s
+        self._until: dict[str, float] = {}
+        self.failures: dict[str, int] = {}
+
+    def fail(self, name: str) -> None:
+        self._until[name] = time.monotonic() + self.cooldown_s
+        self.failures[name] = self.failures.get(name, 0) + 1
+
+    def ok(self, name: str) -> None:
+        self._until.pop(name, None)
+
+    def healthy(self, names: Iterable[str]) -> list[str]:
+        now = time.monotonic()
+        return [n for n in names if self._until.get(n, 0.0) <= now]
+
+
+#: Errors that mean "this instance could not serve it" (retry elsewhere if nothing streamed yet).
+RETRYABLE = (NoWorkerError, WorkerLost)
+
+
+class RouterOperator(Operator):
+    """`kind: router`. Parameters: policy (round_robin | least_loaded | prefix), prefix_chars (64),
+    retries (2), failure_cooldown_s (5), discovery_max_age_s (0.5), role (instances of this role
+    only; default: any). `targets:` names the LLM operator (first one is used)."""
+
+    def __init__(self, context: OperatorContext) -> None:
+        super().__init__(context)
+        targets = list(context.config.targets) or ([self.parameters["target"]] if self.parameters.get("target") else [])
+        if not targets:
+            raise OperatorLoadError(f"router {self.name!r} needs targets: [<llm operator>] (the operator it forwards to)")
+        self.target = str(targets[0])
+        self.policy_name = str(self.parameters.get("policy", "round_robin"))
+        self.policy = make_policy(self.policy_name, self.parameters)
+        self.retries = int(self.parameters.get("retries", 2))
+        self.discovery_max_age_s = float(self.parameters.get("discovery_max_age_s", 0.5))
+        self.role_filter: str | None = self.parameters.get("role")
+        self.health = Health(float(self.parameters.get("failure_cooldown_s", 5.0)))
+        self._local: dict[str, int] = {}
+        self.routed: dict[str, int] = {}
+        self.retried = 0
+
+    # -- discovery ------------------------------------------------------------------------------
+
+    def _client(self) -> Any:
+        client = self.context.client or current_client.get()
+        if client is None:
+            raise NoWorkerError("router has no request client (not running inside a worker?)", operator=self.target)
+        return client
+
+    async def candidates(self, exclude: set[str] = frozenset()) -> list[Candidate]:  # type: ignore[assignment]
+        """Live, healthy instances of the target (minus `exclude`)."""
+        entries: dict[str, dict[str, Any]] = await self._client().instances(self.target, max_age_s=self.discovery_max_age_s)
+        out = []
+        for name in self.health.healthy(entries):
+            if name in exclude:
+                continue
+            entry = entries[name]
+            role = role_of(entry, self.target)
+            if self.role_filter and role not in (self.role_filter, "both"):
+                continue
+            out.append(
+                Candidate(
+                    name=name,
+                    reported_inflight=inflight_of(entry, self.target),
+                    local_inflight=self._local.get(name, 0),
+                    role=role,
+                    stats=operator_stats(entry, self.target),
+                )
+            )
+        if not out and not exclude and entries:
+            # every instance is cooling down: better to try one than to fail outright
+            out = [Candidate(name=n, local_inflight=self._local.get(n, 0)) for n in sorted(entries)]
+        return out
+
+    # -- forwarding -----------------------------------------------------------------------------
+
+    async def execute(self, request: Request) -> None:
+        try:
+            prompt = parse_prompt(request.parameters, request.inputs)
+            key = RouteKey(prompt.routing_key())
+        except BadRequest:
+            raise
+        tried: set[str] = set()
+        last_error: RequestError | None = None
+        for attempt in range(self.retries + 1):
+            if request.time_left_s <= 0:
+                raise RequestTimeout("deadline passed while routing", operator=self.name, request_id=request.id)
+            cands = await self.candidates(exclude=tried)
+            if not cands:
+                if last_error is not None:
+                    raise last_error
+                raise NoWorkerError(f"no live instance of {self.target!r} to route to", operator=self.target)
+            chosen = self.policy.select(key, cands).name
+            tried.add(chosen)
+            streamed = await self._forward(request, chosen)
+            if streamed is None:
+                return
+            last_error = streamed
+            self.retried += 1
+            self.logger.warning("router %s: %s failed before streaming (%s); retrying elsewhere", self.name, chosen, last_error)
+        assert last_error is not None
+        raise last_error
+
+    async def _forward(self, request: Request, instance: str) -> RequestError | None:
+        """Stream one attempt. Returns a retryable error if it failed before the first response."""
+        self._local[instance] = self._local.get(instance, 0) + 1
+        self.routed[instance] = self.routed.get(instance, 0) + 1
+        sent = 0
+        remote = self.context.remote(self.target)
+        try:
+            stream = remote.async_infer(
+                inputs=request.inputs,
+                parameters=request.parameters,
+                timeout_s=max(0.001, request.time_left_s),
+                instance=instance,
+            )
+            async with contextlib.aclosing(stream):  # type: ignore[type-var]
+                async for resp in stream:
+                    params = dict(resp.parameters)
+                    if resp.final:
+                        params["routed_to"] = resp.worker or instance
+                        await request.send(resp.outputs, parameters=params, final=True)
+                        self.health.ok(instance)
+                        return None
+                    await request.send(resp.outputs, parameters=params)
+                    sent += 1
+            raise WorkerLost(f"{instance} ended the stream without a final response", operator=self.target)
+        except RETRYABLE as exc:
+            self.health.fail(instance)
+            if sent:
+                raise
+            return exc
+        finally:
+            self._local[instance] -= 1
+            if self._local[instance] <= 0:
+                del self._local[instance]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy_name,
+            "target": self.target,
+            "routed": dict(self.routed),
+            "outstanding": dict(self._local),
+            "retried": self.retried,
+            "failures": dict(self.health.failures),
+        }
+
+
+async def wait_for_instances(client: Any, operator: str, count: int, timeout_s: float = 60.0) -> list[str]:
+    """Poll discovery until `count` ready instances of `operator` exist (tests, benchmarks)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = sorted(await client.instances(operator, max_age_s=0.0))
+        if len(found) >= count:
+            return found
+        if time.monotonic() > deadline:
+            raise NoWorkerError(f"only {len(found)} of {count} instances of {operator!r} ready after {timeout_s:g} s", operator=operator)
+        await asyncio.sleep(0.1)

