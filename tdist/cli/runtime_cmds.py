@@ -29,14 +29,17 @@ def _plan_graph(graph: Path, launcher: str, name: Optional[str]) -> Any:
     from tdist.plan import build_plan
     from tdist.spec import load_graph
 
+    from tdist.launch.rundir import run_dir_for
+
     spec = load_graph(graph)
     if name:
         spec = spec.model_copy(update={"name": name})
-    return build_plan(spec, launcher=launcher)
+    return build_plan(spec, launcher=launcher, run_dir=str(run_dir_for(spec.name)))
 
 
-def _embedded_nats(plan: Any) -> bool:
-    return plan.nats_url is None
+def _plan_nats_url(plan: Any) -> Optional[str]:
+    """The plan's NATS URL, or None when tdist must start an embedded nats-server."""
+    return None if plan.request_plane == "embedded" else plan.request_plane
 
 
 def deploy(
@@ -45,7 +48,7 @@ def deploy(
     launcher: str = typer.Option("local", "--launcher", help="local | mpirun | srun | sbatch"),
     name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default: the graph's name)."),
     nats_url: Optional[str] = typer.Option(None, "--nats-url", envvar="NATS_SERVER", help="Use this NATS instead of the graph's request plane."),
-    startup_timeout_s: float = typer.Option(120.0, "--startup-timeout-s", help="Give up if workers are not ready by then."),
+    startup_timeout_s: Optional[float] = typer.Option(None, "--startup-timeout-s", help="Give up if workers are not ready by then (default: the graph's)."),
     no_restart: bool = typer.Option(False, "--no-restart", help="Do not restart crashed workers."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run, start nothing."),
 ) -> None:
@@ -53,12 +56,13 @@ def deploy(
     from tdist.launch.rundir import RunState, live_runs, run_dir_for
 
     plan = _plan_graph(graph, launcher, name)
+    startup_timeout_s = startup_timeout_s if startup_timeout_s is not None else plan.startup_timeout_s
     if launcher != "local":
         from tdist.cli import multinode_cmds
 
         multinode_cmds.deploy_world(plan, graph=graph, detach=detach, dry_run=dry_run, nats_url=nats_url, startup_timeout_s=startup_timeout_s)
         return
-    url = nats_url or plan.nats_url
+    url = nats_url or _plan_nats_url(plan)
     if dry_run:
         for w in plan.workers:
             out.print(f"{w.name}: {sys.executable} -m tdist.runtime.worker --config <run-dir>/workers/{w.name}.json")
@@ -80,7 +84,7 @@ def deploy(
                 "deployment": plan.deployment,
                 "nats_url": url,
                 "startup_timeout_s": startup_timeout_s,
-                "restart": not no_restart,
+                "restart": plan.restart_on_crash and not no_restart,
                 "graph": str(graph.resolve()),
             }
         )

@@ -1,0 +1,205 @@
+"""The runtime spine on a real nats-server: routing, streaming, errors, deadlines, backpressure,
+crash redelivery, namespacing. Workers are real processes under the real local supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from tdist.errors import NoWorkerError, OperatorError, PayloadTooLarge, RequestTimeout, WorkerLost
+from tdist.runtime.planes.discovery import bucket_name
+from tests.conftest import unique_name, worker_config
+from tests.integration.events import Events
+
+
+def op(name: str, cls: str, **kw: object) -> dict:
+    return {"name": name, "kind": "python", "implementation": f"spine_ops:{cls}", **kw}
+
+
+async def test_round_robin_over_two_replicas(deploy) -> None:
+    dep = unique_name("rr")
+    ws = [worker_config(dep, "echo", [op("echo", "Echo")], replica=i) for i in range(2)]
+    d = await deploy(ws)
+    served = Counter()
+    for i in range(40):
+        r = await anext(d.client.infer("echo", inputs={"x": np.array([i])}))
+        assert r.final and r.outputs["x"].tolist() == [i]
+        served[r.parameters["worker"]] += 1
+    assert set(served) == {"echo.0", "echo.1"}
+    assert min(served.values()) >= 10, served
+
+
+async def test_directed_request_reaches_the_chosen_instance(deploy) -> None:
+    dep = unique_name("dir")
+    ws = [worker_config(dep, "echo", [op("echo", "Echo")], replica=i) for i in range(2)]
+    d = await deploy(ws)
+    for _ in range(10):
+        r = await anext(d.client.infer("echo", parameters={}, instance="echo.1"))
+        assert r.parameters["worker"] == "echo.1"
+    with pytest.raises(NoWorkerError, match="echo.7"):
+        await anext(d.client.infer("echo", instance="echo.7"))
+
+
+async def test_streaming_partials_then_one_final(deploy) -> None:
+    dep = unique_name("stream")
+    d = await deploy([worker_config(dep, "stream", [op("stream", "Stream")])])
+    responses = [r async for r in d.client.infer("stream", parameters={"n": 7})]
+    assert [r.final for r in responses] == [False] * 7 + [True]
+    assert [int(r.outputs["i"][0]) for r in responses[:-1]] == list(range(7))
+    assert responses[-1].parameters == {"done": True}
+
+
+async def test_operator_exception_arrives_typed(deploy) -> None:
+    dep = unique_name("fail")
+    d = await deploy([worker_config(dep, "fail", [op("fail", "Fail")])])
+    with pytest.raises(OperatorError) as info:
+        async for _ in d.client.infer("fail", parameters={"value": 42}):
+            pass
+    assert "ValueError" in str(info.value) and "bad value 42" in str(info.value)
+    assert info.value.operator == "fail" and info.value.request_id
+    # the worker survives and keeps serving
+    with pytest.raises(OperatorError):
+        await anext(d.client.infer("fail"))
+
+
+async def test_no_worker_is_a_typed_error(deploy) -> None:
+    dep = unique_name("nw")
+    d = await deploy([worker_config(dep, "echo", [op("echo", "Echo")])])
+    with pytest.raises(NoWorkerError, match="nosuch"):
+        await anext(d.client.infer("nosuch"))
+
+
+async def test_deadline_cancels_the_operator_and_the_call_it_made(deploy, nats_server) -> None:
+    dep = unique_name("dl")
+    subject = f"tdist-test.{dep}"
+    ws = [
+        worker_config(dep, "parent", [op("parent", "Parent", parameters={"events": subject, "child": "slow"})]),
+        worker_config(dep, "slow", [op("slow", "Slow", parameters={"events": subject})]),
+    ]
+    d = await deploy(ws)
+    async with Events(nats_server.url, subject) as events:
+        with pytest.raises(RequestTimeout):
+            async for _ in d.client.infer("parent", parameters={"sleep_s": 60}, timeout_s=1.5):
+                pass
+        parent_cancel = await events.wait(lambda e: e["kind"] == "cancelled" and e["worker"] == "parent.0")
+        child_cancel = await events.wait(lambda e: e["kind"] == "cancelled" and e["worker"] == "slow.0")
+    assert parent_cancel["id"] != child_cancel["id"]
+
+
+async def test_max_inflight_one_never_runs_two_at_once(deploy) -> None:
+    dep = unique_name("inflight")
+    ws = [
+        worker_config(dep, "one", [op("one", "Concurrency", max_inflight_requests=1)]),
+        worker_config(dep, "four", [op("four", "Concurrency", max_inflight_requests=4)]),
+    ]
+    d = await deploy(ws)
+
+    async def active(name: str) -> int:
+        r = await anext(d.client.infer(name, parameters={"sleep_s": 0.05}))
+        return int(r.parameters["active"])
+
+    seen_one = await asyncio.gather(*(active("one") for _ in range(12)))
+    assert max(seen_one) == 1
+    # the same load on max_inflight 4 does overlap: the check above can fail
+    seen_four = await asyncio.gather(*(active("four") for _ in range(12)))
+    assert 1 < max(seen_four) <= 4
+
+
+async def test_worker_killed_mid_request_is_redelivered_and_restarted(deploy, nats_server) -> None:
+    dep = unique_name("kill")
+    subject = f"tdist-test.{dep}"
+    rp = {"ack_wait_s": 1.0}
+    ws = [worker_config(dep, "slow", [op("slow", "Slow", parameters={"events": subject})], replica=i, request_plane=rp)
+          for i in range(2)]
+    d = await deploy(ws)
+    async with Events(nats_server.url, subject) as events:
+        call = asyncio.ensure_future(anext(d.client.infer("slow", parameters={"sleep_s": 1.0}, timeout_s=20)))
+        started = await events.wait(lambda e: e["kind"] == "started")
+        victim = started["worker"]
+        old_pid = started["pid"]
+        os.kill(old_pid, signal.SIGKILL)
+        resp = await asyncio.wait_for(call, 25)
+    assert resp.final
+    assert resp.parameters["attempt"] >= 2  # it was redelivered
+    # the supervisor restarts the killed worker: watch its discovery entry come back with a new pid
+    kv = await d.client.js.key_value(bucket_name(dep))
+    watcher = await kv.watch(victim)
+
+    async def back() -> dict:
+        async for entry in watcher:
+            if entry is None or not entry.value:
+                continue
+            e = json.loads(entry.value)
+            if e["pid"] != old_pid and e["state"] == "ready":
+                return e
+
+    entry = await asyncio.wait_for(back(), 30)
+    await watcher.stop()
+    assert entry["pid"] == d.pid_of(victim)
+    assert d.sup.state.workers[victim].restarts >= 1
+
+
+async def test_worker_killed_after_partials_gives_a_typed_error(deploy, nats_server) -> None:
+    """A stream cut by a crash cannot be replayed: the caller gets WorkerLost, never a hang."""
+    dep = unique_name("cut")
+    subject = f"tdist-test.{dep}"
+    ws = [worker_config(dep, "st", [op("st", "StreamThenSleep", parameters={"events": subject})], replica=i,
+                        request_plane={"ack_wait_s": 1.0}) for i in range(2)]
+    d = await deploy(ws)
+    got = []
+    async with Events(nats_server.url, subject) as events:
+        with pytest.raises(WorkerLost):
+            async for r in d.client.infer("st", parameters={"sleep_s": 2}, timeout_s=20):
+                got.append(r)
+                if len(got) == 2:
+                    ev = await events.wait(lambda e: e["kind"] == "streamed")
+                    os.kill(ev["pid"], signal.SIGKILL)
+    assert len(got) == 2 and not any(r.final for r in got)
+
+
+async def test_two_deployments_on_one_nats_stay_apart(deploy) -> None:
+    a, b = unique_name("a"), unique_name("b")
+    da = await deploy([worker_config(a, "echo", [op("echo", "Echo")])])
+    db = await deploy([worker_config(b, "echo", [op("echo", "Echo")])])
+    for _ in range(10):
+        ra = await anext(da.client.infer("echo"))
+        rb = await anext(db.client.infer("echo"))
+        assert ra.parameters["deployment"] == a
+        assert rb.parameters["deployment"] == b
+    assert set(await da.client.workers(max_age_s=0)) == {"echo.0"}
+
+
+async def test_payload_over_max_payload_is_a_typed_error(deploy) -> None:
+    dep = unique_name("big")
+    d = await deploy([worker_config(dep, "echo", [op("echo", "Echo")])])
+    big = np.zeros(2 * d.client.nc.max_payload // 8, dtype=np.float64)
+    with pytest.raises(PayloadTooLarge, match="max_payload"):
+        await anext(d.client.infer("echo", inputs={"x": big}))
+    # and the deployment still answers
+    r = await anext(d.client.infer("echo", inputs={"x": np.arange(3)}))
+    assert r.outputs["x"].tolist() == [0, 1, 2]
+
+
+async def test_hello_world_pipeline(deploy) -> None:
+    dep = unique_name("hw")
+    hw = lambda cls: {"name": cls[0], "kind": "python", "implementation": f"hello_world_ops:{cls[1]}",  # noqa: E731
+                      "parameters": {"input_copies": 3}, "max_inflight_requests": 4}
+    ws = [
+        worker_config(dep, "encoder", [hw(("encoder", "EncoderOperator"))]),
+        worker_config(dep, "decoder", [hw(("decoder", "DecoderOperator"))]),
+        worker_config(dep, "encoder_decoder", [hw(("encoder_decoder", "EncodeDecodeOperator"))]),
+    ]
+    d = await deploy(ws)
+    for dtype in ("int64", "int8", "uint16", "float32", "bool"):
+        x = (np.arange(24).reshape(4, 6) % 2).astype(dtype)
+        r = await anext(d.client.infer("encoder_decoder", inputs={"input": x}))
+        assert r.outputs["input" if "input" in r.outputs else "output"].dtype == x.dtype
+        np.testing.assert_array_equal(r.outputs["output"], x)
+    enc = await anext(d.client.infer("encoder", inputs={"input": np.array([1, 2])}))
+    assert enc.outputs["output"].tolist() == np.invert(np.array([1, 2, 1, 2, 1, 2])).tolist()
