@@ -367,3 +367,10 @@ class GraphSpec(SpecModel):
     def file(self) -> str | None:
         """The YAML file this spec came from (for messages)."""
         return self._file
+
+    def relocated(self, base_dir: str, file: str | None = None) -> "GraphSpec":
+        """This spec as if its YAML lived in `base_dir` (plans for another mount point; golden tests)."""
+        copy = self.model_copy()
+        copy._base_dir = base_dir
+        copy._file = file if file is not None else self._file
+        return copy
