@@ -13,8 +13,8 @@ fi
 
 readonly FRAMEWORKS=(STANDARD VLLM TENSORRTLLM)
 readonly DEFAULT_BASE_IMAGE=nvcr.io/nvidia/tritonserver
-# Triton 25.10: the newest NGC release on CUDA 12 (12.9.1), matching the cu12 wheels (ucxx-cu12).
-readonly TRITON_RELEASE=25.10
+# Triton 26.10 (CUDA 13), matching the Dockerfile's CUDA 13 wheels (ucxx-cu13, vLLM's torch).
+readonly TRITON_RELEASE=26.10
 declare -A DEFAULT_BASE_IMAGE_TAG=(
   [STANDARD]="${TRITON_RELEASE}-py3"
   [VLLM]="${TRITON_RELEASE}-py3"
@@ -40,7 +40,7 @@ Options:
                          VLLM ${DEFAULT_BASE_IMAGE_TAG[VLLM]}, TENSORRTLLM ${DEFAULT_BASE_IMAGE_TAG[TENSORRTLLM]}
   --tag NAME[:TAG]       Image name. Default: tdist:<version>-<framework>, e.g. tdist:$(project_version)-vllm
   --build-arg KEY=VALUE  Extra build argument (repeatable), e.g. VLLM_VERSION=0.33.0,
-                         UCXX_PACKAGE=ucxx-cu13, TDIST_UID=\$(id -u), TDIST_EXTRAS=nats,etcd
+                         UCXX_PACKAGE=ucxx-cu12, TDIST_UID=\$(id -u), TDIST_EXTRAS=nats,etcd
   --platform PLATFORM    Target platform, e.g. linux/arm64. Default: the builder's own.
   --no-cache             Do not use the build cache.
   --dry-run              Print the docker command instead of running it.
@@ -48,7 +48,7 @@ Options:
 
 Examples:
   ${PROG} --framework VLLM
-  ${PROG} --framework TENSORRTLLM --base-image-tag 25.09-trtllm-python-py3 --dry-run
+  ${PROG} --framework TENSORRTLLM --base-image-tag 26.09-trtllm-python-py3 --dry-run
 EOF
 }
 

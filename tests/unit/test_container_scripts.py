@@ -91,7 +91,7 @@ BUILD_CASES = {
     "build_custom": [
         "--framework=vllm",
         "--base-image", "registry.example.com/mirror/tritonserver",
-        "--base-image-tag", "25.09-py3",
+        "--base-image-tag", "26.09-py3",
         "--tag", "me/tdist:dev",
         "--build-arg", "VLLM_VERSION=0.32.0",
         "--build-arg", "TDIST_UID=1234",
@@ -139,9 +139,9 @@ def test_run_dry_run_golden(case: str) -> None:
 
 
 @pytest.mark.parametrize("framework,base_tag", [
-    ("STANDARD", "25.10-py3"),
-    ("VLLM", "25.10-py3"),
-    ("TENSORRTLLM", "25.10-trtllm-python-py3"),
+    ("STANDARD", "26.10-py3"),
+    ("VLLM", "26.10-py3"),
+    ("TENSORRTLLM", "26.10-trtllm-python-py3"),
 ])
 def test_build_picks_the_framework_base_image(framework: str, base_tag: str) -> None:
     argv = shlex.split(run_script("build.sh", ["--framework", framework.lower(), "--dry-run"]).stdout)
@@ -199,7 +199,7 @@ ERROR_CASES = [
     ("build.sh", ["VLLM"], "unknown option 'VLLM'"),
     ("build.sh", ["--build-arg", "NOVALUE"], "--build-arg wants KEY=VALUE"),
     ("build.sh", ["--build-arg", "FRAMEWORK=VLLM"], "set the framework with --framework"),
-    ("build.sh", ["--base-image", "nvcr.io/nvidia/tritonserver:25.10-py3"], "give the tag with --base-image-tag"),
+    ("build.sh", ["--base-image", "nvcr.io/nvidia/tritonserver:26.10-py3"], "give the tag with --base-image-tag"),
     ("build.sh", ["--tag", "a b"], "cannot hold whitespace"),
     ("build.sh", ["--dry-run=yes"], "option '--dry-run' takes no value"),
     ("run.sh", ["--framework", "sglang"], "unknown framework 'sglang'"),
