@@ -1,0 +1,406 @@
+"""`kind: frontend, protocol: openai` — an OpenAI-compatible HTTP server in front of the router.
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (SSE streaming with
+`stream: true`, usage counts, `stream_options.include_usage`), GET /health. Each HTTP request
+becomes one tdist request to the target (the router) in the team's LLM convention
+(parameters.prompt | parameters.messages + sampling; streamed `text` deltas). Chat templates
+are applied by the engine worker, which has the tokenizer (plain fallback when none).
+
+Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`: 400 bad
+parameters, 404 unknown model or route, 503 no worker, 504 deadline, 500 otherwise. A client
+that disconnects mid-stream cancels the request all the way to the engine.
+
+Parameters: host (127.0.0.1), port (8000; 0 picks a free one — the bound port is logged as
+"OpenAI frontend listening on http://HOST:PORT", returned by stats() and, with `port_file`,
+written to that file), target (default: targets[0]), served_model_name (default: the target
+name; `model_names` adds aliases), request_timeout_s (600), default_max_tokens (16 for
+completions; chat: until EOS or `default_chat_max_tokens`, 512).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from tdist.errors import (
+    BadRequest,
+    NoWorkerError,
+    OperatorLoadError,
+    RequestCancelled,
+    RequestError,
+    RequestTimeout,
+)
+from tdist.operators.llm_common import parse_sampling
+from tdist.runtime.operator import Operator, OperatorContext, Request
+
+LISTEN_LINE = "OpenAI frontend listening on"
+
+#: OpenAI request fields → tdist parameter names (those passed through unchanged).
+_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "min_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+_FINISH = {"stop": "stop", "length": "length", "abort": "stop", "error": "stop"}
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's JSON error object."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def api_error_of(exc: BaseException) -> ApiError:
+    """Map tdist's typed request errors to HTTP statuses."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, BadRequest):
+        return ApiError(400, exc.message, param=exc.detail.get("param"), code="bad_request")
+    if isinstance(exc, NoWorkerError):
+        return ApiError(503, exc.message, type="service_unavailable", code="no_worker")
+    if isinstance(exc, RequestTimeout):
+        return ApiError(504, exc.message, type="timeout", code="timeout")
+    if isinstance(exc, RequestCancelled):
+        return ApiError(499, exc.message, type="cancelled", code="cancelled")
+    if isinstance(exc, RequestError):
+        return ApiError(500, exc.render(), type="server_error", code=exc.kind)
+    return ApiError(500, f"{type(exc).__name__}: {exc}", type="server_error", code="internal_error")
+
+
+def _sse(data: Any) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+class OpenAIFrontend(Operator):
+    """See the module doc. The HTTP server lives as long as the operator (start → stop)."""
+
+    def __init__(self, context: OperatorContext) -> None:
+        super().__init__(context)
+        p = self.parameters
+        targets = list(context.config.targets)
+        self.target = str(p.get("target") or (targets[0] if targets else ""))
+        if not self.target:
+            raise OperatorLoadError(f"frontend {self.name!r} needs targets: [<router>] (or parameters.target)")
+        self.host = str(p.get("host", "127.0.0.1"))
+        self.port = int(p.get("port", 8000))
+        self.port_file = p.get("port_file")
+        self.model_name = str(p.get("served_model_name") or p.get("model") or self.target)
+        self.model_names = [self.model_name] + [str(m) for m in p.get("model_names", []) if str(m) != self.model_name]
+        self.request_timeout_s = float(p.get("request_timeout_s", 600.0))
+        self.default_max_tokens = int(p.get("default_max_tokens", 16))
+        self.default_chat_max_tokens = int(p.get("default_chat_max_tokens", 512))
+        self.created = int(time.time())
+        self._runner: Any = None
+        self.bound_port: int | None = None
+        self.counts = {"requests": 0, "errors": 0, "inflight": 0, "streams": 0}
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def make_app(self) -> Any:
+        try:
+            from aiohttp import web
+        except ModuleNotFoundError:
+            raise OperatorLoadError("the OpenAI frontend needs aiohttp: pip install 'tdist[frontend]'") from None
+        @web.middleware
+        async def errors(request: Any, handler: Any) -> Any:
+            return await self._error_middleware(request, handler)
+
+        app = web.Application(middlewares=[errors], client_max_size=16 << 20)
+        app.router.add_get("/v1/models", self.handle_models)
+        app.router.add_get("/v1/models/{model}", self.handle_model)
+        app.router.add_post("/v1/completions", self.handle_completions)
+        app.router.add_post("/v1/chat/completions", self.handle_chat)
+        app.router.add_get("/health", self.handle_health)
+        return app
+
+    async def start(self) -> None:
+        from aiohttp import web
+
+        app = self.make_app()
+        # handler_cancellation: a client that disconnects cancels its handler, hence the request.
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = getattr(site, "_server", None)
+        sockets = getattr(server, "sockets", None) or []
+        self.bound_port = int(sockets[0].getsockname()[1]) if sockets else self.port
+        if self.port_file:
+            Path(str(self.port_file)).write_text(str(self.bound_port))
+        self.logger.info("%s %s (target %s, model %s)", LISTEN_LINE, self.url, self.target, self.model_name)
+        print(f"{LISTEN_LINE} {self.url}", flush=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.bound_port or self.port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def execute(self, request: Request) -> None:
+        """Over the request plane a frontend only says where it listens."""
+        await request.send(parameters={"url": self.url, "port": self.bound_port, "models": self.model_names}, final=True)
+
+    def stats(self) -> dict[str, Any]:
+        return {"url": self.url, "port": self.bound_port, "target": self.target, "models": self.model_names, **self.counts}
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    async def _error_middleware(self, request: Any, handler: Any) -> Any:
+        from aiohttp import web
+
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                err = ApiError(exc.status, exc.reason or "error", code="not_found" if exc.status == 404 else None)
+                return web.json_response(err.body(), status=err.status)
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            err = api_error_of(exc)
+            self.counts["errors"] += 1
+            if err.status >= 500:
+                self.logger.warning("%s %s → %d: %s", request.method, request.path, err.status, err.message)
+            return web.json_response(err.body(), status=err.status)
+
+    async def _json_body(self, request: Any) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except Exception:
+            raise ApiError(400, "the request body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return body
+
+    def _check_model(self, body: dict[str, Any]) -> str:
+        model = body.get("model")
+        if model is None:
+            return self.model_name
+        if not isinstance(model, str) or model not in self.model_names:
+            raise ApiError(404, f"The model `{model}` does not exist; this server serves: {', '.join(self.model_names)}",
+                           param="model", code="model_not_found")
+        return model
+
+    def _sampling_params(self, body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
+        params: dict[str, Any] = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
+        max_tokens = body.get("max_completion_tokens") if chat else None
+        if max_tokens is None:
+            max_tokens = body.get("max_tokens")
+        params["max_tokens"] = max_tokens if max_tokens is not None else (
+            self.default_chat_max_tokens if chat else self.default_max_tokens
+        )
+        n = body.get("n", 1)
+        if n not in (1, None):
+            raise ApiError(400, "only n=1 is supported", param="n")
+        if body.get("best_of") not in (None, 1):
+            raise ApiError(400, "best_of is not supported", param="best_of")
+        if body.get("echo"):
+            raise ApiError(400, "echo is not supported", param="echo")
+        if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs"):
+            raise ApiError(400, "logprobs are not supported", param="logprobs")
+        parse_sampling(params)  # validate here: a 400 without a round trip to a worker
+        return params
+
+    def _stream_flags(self, body: dict[str, Any]) -> tuple[bool, bool]:
+        stream = bool(body.get("stream", False))
+        opts = body.get("stream_options") or {}
+        if not isinstance(opts, dict):
+            raise ApiError(400, "stream_options must be an object", param="stream_options")
+        return stream, bool(opts.get("include_usage", False))
+
+    def _generate(self, parameters: dict[str, Any]) -> AsyncIterator[Any]:
+        return self.context.remote(self.target).async_infer(parameters=parameters, timeout_s=self.request_timeout_s)
+
+    async def _collect(self, parameters: dict[str, Any]) -> tuple[str, str, dict[str, int]]:
+        texts: list[str] = []
+        finish, usage = "stop", {"prompt_tokens": 0, "completion_tokens": 0}
+        stream = self._generate(parameters)
+        async with contextlib.aclosing(stream):  # type: ignore[type-var]
+            async for resp in stream:
+                texts.append(str(resp.parameters.get("text", "")))
+                if resp.final:
+                    finish = _FINISH.get(str(resp.parameters.get("finish_reason", "stop")), "stop")
+                    usage = dict(resp.parameters.get("usage") or usage)
+        return "".join(texts), finish, _usage(usage)
+
+    # -- handlers -----------------------------------------------------------------------------
+
+    async def handle_health(self, request: Any) -> Any:
+        from aiohttp import web
+
+        return web.json_response({"status": "ok", "target": self.target})
+
+    def _model_card(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "tdist", "root": self.model_name}
+
+    async def handle_models(self, request: Any) -> Any:
+        from aiohttp import web
+
+        return web.json_response({"object": "list", "data": [self._model_card(m) for m in self.model_names]})
+
+    async def handle_model(self, request: Any) -> Any:
+        from aiohttp import web
+
+        name = request.match_info["model"]
+        if name not in self.model_names:
+            raise ApiError(404, f"The model `{name}` does not exist", param="model", code="model_not_found")
+        return web.json_response(self._model_card(name))
+
+    async def handle_completions(self, request: Any) -> Any:
+        from aiohttp import web
+
+        body = await self._json_body(request)
+        model = self._check_model(body)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ApiError(400, "give exactly one prompt per request (a list of one string is accepted)", param="prompt")
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ApiError(400, "'prompt' must be a string", param="prompt")
+        params = {"prompt": prompt, **self._sampling_params(body, chat=False)}
+        stream, include_usage = self._stream_flags(body)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        self.counts["requests"] += 1
+        self.counts["inflight"] += 1
+        try:
+            if not stream:
+                text, finish, usage = await self._collect(params)
+                return web.json_response({
+                    "id": rid, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+                    "usage": usage,
+                })
+
+            def chunk(text: str, finish: str | None) -> dict[str, Any]:
+                return {"id": rid, "object": "text_completion", "created": created, "model": model,
+                        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+            def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
+                return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage}
+
+            return await self._stream(request, params, chunk, usage_chunk, include_usage)
+        finally:
+            self.counts["inflight"] -= 1
+
+    async def handle_chat(self, request: Any) -> Any:
+        from aiohttp import web
+
+        body = await self._json_body(request)
+        model = self._check_model(body)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "'messages' must be a non-empty list", param="messages")
+        params = {"messages": messages, **self._sampling_params(body, chat=True)}
+        stream, include_usage = self._stream_flags(body)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        self.counts["requests"] += 1
+        self.counts["inflight"] += 1
+        try:
+            if not stream:
+                text, finish, usage = await self._collect(params)
+                return web.json_response({
+                    "id": rid, "object": "chat.completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                                 "finish_reason": finish}],
+                    "usage": usage,
+                })
+            first = [True]
+
+            def chunk(text: str, finish: str | None) -> dict[str, Any]:
+                delta: dict[str, Any] = {}
+                if first[0]:
+                    delta["role"] = "assistant"
+                    first[0] = False
+                if text or finish is None:
+                    delta["content"] = text
+                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+            def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
+                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+                        "usage": usage}
+
+            return await self._stream(request, params, chunk, usage_chunk, include_usage)
+        finally:
+            self.counts["inflight"] -= 1
+
+    async def _stream(self, request: Any, params: dict[str, Any], chunk: Any, usage_chunk: Any, include_usage: bool) -> Any:
+        """SSE: one event per delta; the last carries finish_reason; optional usage; [DONE].
+
+        The first response is awaited before the 200 header goes out, so an error that
+        happens before any token (bad request, no worker) still gets its proper status.
+        """
+        from aiohttp import web
+
+        self.counts["streams"] += 1
+        gen = self._generate(params)
+        async with contextlib.aclosing(gen):  # type: ignore[type-var]
+            try:
+                first = await gen.__anext__()
+            except StopAsyncIteration:
+                first = None
+            resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await resp.prepare(request)
+            usage = {"prompt_tokens": 0, "completion_tokens": 0}
+            try:
+                item = first
+                while item is not None:
+                    text = str(item.parameters.get("text", ""))
+                    if item.final:
+                        finish = _FINISH.get(str(item.parameters.get("finish_reason", "stop")), "stop")
+                        usage = dict(item.parameters.get("usage") or usage)
+                        await resp.write(_sse(chunk(text, finish)))
+                        break
+                    if text:
+                        await resp.write(_sse(chunk(text, None)))
+                    try:
+                        item = await gen.__anext__()
+                    except StopAsyncIteration:
+                        item = None
+                if include_usage:
+                    await resp.write(_sse(usage_chunk(_usage(usage))))
+            except (asyncio.CancelledError, ConnectionResetError):
+                raise
+            except Exception as exc:  # headers are out: report in-band, as OpenAI does
+                err = api_error_of(exc)
+                self.counts["errors"] += 1
+                await resp.write(_sse(err.body()))
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+
+
+def _usage(usage: dict[str, Any]) -> dict[str, int]:
+    p = int(usage.get("prompt_tokens", 0) or 0)
+    c = int(usage.get("completion_tokens", 0) or 0)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
