@@ -1,0 +1,87 @@
+"""`tdist deploy --detach` → `infer` → `status` → `stop` through the real CLI, as a user types it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tdist.launch.rundir import RunState, pid_alive
+from tests.conftest import REPO
+
+TDIST = [sys.executable, "-m", "tdist"]
+
+
+def run(args: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(TDIST + args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli_env(tdist_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["TDIST_HOME"] = str(tdist_home)
+    env["COLUMNS"] = "200"
+    env.pop("NATS_SERVER", None)
+    return env
+
+
+def test_deploy_infer_status_stop_hello_world(cli_env: dict[str, str], tdist_home: Path) -> None:
+    graph = REPO / "graphs" / "hello_world_python.yaml"
+    if not graph.exists():
+        graph = REPO / "graphs" / "hello_world.yaml"
+    dep = run(["deploy", str(graph), "--detach", "--name", "hw-cli"], cli_env)
+    state_file = tdist_home / "runs" / "hw-cli" / "state.json"
+    try:
+        assert dep.returncode == 0, dep.stdout + dep.stderr
+        state = RunState.load(state_file)
+        assert state.state == "ready" and state.nats_embedded
+
+        inf = run(["infer", "--component", "encoder_decoder", "--input", "input=[1,2,3]"], cli_env)
+        assert inf.returncode == 0, inf.stderr
+        assert "output: [1, 2, 3]" in inf.stdout
+
+        st = run(["status", "--json"], cli_env)
+        assert st.returncode == 0, st.stderr
+        status = json.loads(st.stdout)
+        assert set(status["components"]) >= {"encoder", "decoder", "encoder_decoder"}
+        for comp in status["components"].values():
+            assert any(w["state"] == "ready" for w in comp["workers"])
+
+        load = run(["infer", "-c", "encoder_decoder", "-i", "input=[4,5]", "--requests", "50", "--concurrency", "8"], cli_env)
+        assert load.returncode == 0, load.stderr
+        assert "Throughput:" in load.stdout and "Total Time:" in load.stdout
+
+        bad = run(["infer", "-c", "nosuch", "-i", "input=[1]"], cli_env)
+        assert bad.returncode != 0 and "no_worker" in bad.stderr and "Traceback" not in bad.stderr
+    finally:
+        stop = run(["stop"], cli_env)
+    assert stop.returncode == 0, stop.stderr
+    state = RunState.load(state_file)
+    assert state.state == "stopped"
+    pids = [w.pid for w in state.workers.values()] + [state.nats_pid, state.supervisor_pid]
+    assert not [p for p in pids if pid_alive(p)], "processes left behind"
+    # with nothing running, status says so and exits non-zero
+    none = run(["status"], cli_env)
+    assert none.returncode != 0 and "no running deployment" in none.stderr
+
+
+def test_failed_start_shows_the_log_tail(cli_env: dict[str, str], tmp_path: Path) -> None:
+    graph = tmp_path / "broken.yaml"
+    graph.write_text(
+        "name: broken\n"
+        "operators:\n"
+        "  - name: boom\n"
+        "    kind: python\n"
+        "    implementation: \"no_such_module_xyz:Op\"\n"
+        "workers:\n"
+        "  - name: boom\n"
+        "    operators: [boom]\n"
+    )
+    res = run(["deploy", str(graph), "--detach", "--startup-timeout-s", "60"], cli_env)
+    assert res.returncode != 0
+    assert "no_such_module_xyz" in res.stderr
+    assert "Traceback" not in res.stderr
