@@ -5,7 +5,7 @@ operator, a model directory named after the operator whose `config.pbtxt` is the
 with the YAML's `triton_config` merged in, and whose version folders are links to the source.
 
 Override rules (`triton_config` in the graph YAML, plus the operator's `parameters`):
-- `instance_group`: replaces the model's list; `kind` may be `KIND_CPU`/`cpu`/`KIND_GPU`/`gpu`.
+- `instance_group`: a non-empty list replaces the model's list; `kind` may be `KIND_CPU`/`cpu`/`KIND_GPU`/`gpu`.
 - `parameters`: merged key by key; values become Triton string parameters (`2` → "2").
   The operator's own `parameters` (OperatorConfig.parameters) are merged first, so
   `triton_config.parameters` wins when both name a key.
@@ -115,6 +115,8 @@ def apply_overrides(
             for pk, pv in value.items():
                 params[pk] = _string_parameter(pv)
         elif key == "instance_group":
+            if not value:  # an empty list (the spec's default) means: keep the model's own
+                continue
             out["instance_group"] = _normalize_instance_group(value, where)
         elif key in fields:
             out[key] = value
