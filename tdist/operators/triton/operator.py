@@ -121,6 +121,30 @@ async def _start_engine(worker: WorkerConfig, mode: str, logger: logging.Logger)
     return engine
 
 
+def worker_registry(context: OperatorContext) -> Any:
+    """The Prometheus registry the worker serves on its metrics port.
+
+    `context.metrics_registry` when the worker passes it; until then, the process's WorkerMetrics
+    for this worker (found once, at start); else prometheus_client's default registry.
+    """
+    registry = getattr(context, "metrics_registry", None)
+    if registry is not None:
+        return registry
+    try:
+        import gc
+
+        from tdist.runtime.metrics import WorkerMetrics
+
+        for obj in gc.get_objects():
+            if isinstance(obj, WorkerMetrics) and obj.worker == context.worker.name:
+                return obj.registry
+    except Exception:  # pragma: no cover - runtime layout changed
+        pass
+    from prometheus_client import REGISTRY
+
+    return REGISTRY
+
+
 async def acquire_engine(context: OperatorContext, mode: str) -> Any:
     if _Shared.engine is None:
         engine = await _start_engine(context.worker, mode, context.logger)
@@ -130,9 +154,7 @@ async def acquire_engine(context: OperatorContext, mode: str) -> Any:
             collector = TritonMetricsCollector(lambda: fetch_url(url))
         else:
             collector = TritonMetricsCollector(engine.metrics_text)
-        registry = getattr(context, "metrics_registry", None)
-        if registry is None:
-            from prometheus_client import REGISTRY as registry
+        registry = worker_registry(context)
         if register_collector(registry, collector):
             _Shared.collector, _Shared.registry = collector, registry
     elif mode != "auto" and _Shared.engine.mode != mode:
