@@ -105,3 +105,10 @@ cluster: {gpus_per_node: 3}
     assert spec.llm.model == "mine"
     assert spec.llm.generation_servers.urls == ["localhost:9000"]
     assert spec.llm.context_servers.num_instances == 2  # from the file
+
+
+def test_docs_spec_reference_is_current():
+    from tdist.spec.reference import splice
+
+    doc = (ROOT / "docs" / "spec.md").read_text()
+    assert splice(doc) == doc, "regenerate: python -m tdist.spec.reference --write docs/spec.md"
