@@ -42,7 +42,9 @@ def _operator_config(spec: GraphSpec, op: OperatorSpec, base: str) -> OperatorCo
     if op.kind == "frontend":
         llm = spec.llm
         params.setdefault("protocol", op.protocol or "openai")
-        params.setdefault("host", op.host or (llm.hostname if llm and llm.hostname else "0.0.0.0"))
+        host = op.host or (llm.hostname if llm and llm.hostname else None)
+        if host:  # else the frontend's own default (127.0.0.1)
+            params.setdefault("host", host)
         params.setdefault("port", op.port if op.port is not None else (llm.port if llm and llm.port is not None else 8000))
     if op.kind == "triton":
         extra["repository"] = _abs(base, op.repository or ".")

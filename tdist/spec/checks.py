@@ -229,6 +229,9 @@ def _check_ports(spec: GraphSpec) -> Iterator[Problem]:
                           "use one replica, port: 0, or separate nodes")
         if port:
             yield from claim(host, port, f"frontend {op.name!r}", ("operators", i, "port"))
+        for key, value in op.parameters.items():  # e.g. KServe's grpc_port
+            if key.endswith("_port") and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                yield from claim(host, value, f"frontend {op.name!r} {key}", ("operators", i, "parameters", key))
     for key, _role, s in spec.llm.server_sets() if spec.llm else []:
         for j, url in enumerate(s.urls):
             host, port = url.rsplit(":", 1)

@@ -160,7 +160,7 @@ class OperatorSpec(SpecModel):
     role: Literal["both", "context", "generation"] = Field("both", description="kind vllm/trtllm: disaggregated role")
     targets: list[str] = Field(default_factory=list, description="kind router/frontend: operators requests go to")
     protocol: Literal["openai", "kserve"] | None = Field(None, description="kind frontend: HTTP API it serves")
-    host: str | None = Field(None, description="kind frontend: address to listen on (default 0.0.0.0)")
+    host: str | None = Field(None, description="kind frontend: address to listen on (default: llm.hostname, else the frontend's 127.0.0.1)")
     port: int | None = Field(None, ge=0, le=65535, description="kind frontend: TCP port (0: pick a free one)")
 
     @field_validator("log_level", mode="before")

@@ -248,3 +248,9 @@ def test_several_errors_reported_together():
     bad = GOOD.replace("operators: [decoder]", "operators: [decodr]").replace('"mod:Encoder"', '"mod:Encoder"\n    port: 1')
     text = error_text(bad)
     assert "unknown operator" in text and "only applies to kind frontend" in text
+
+
+def test_frontend_extra_port_parameter_collides():
+    text = error_text(LLM.replace("{name: frontend, kind: frontend, port: 8000}",
+                                  "{name: frontend, kind: frontend, port: 8000, parameters: {grpc_port: 8000}}"))
+    assert "operators[1].parameters.grpc_port: port collision on localhost" in text
