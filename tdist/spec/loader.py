@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import types
 import typing
 from typing import Any, Union
@@ -170,13 +171,15 @@ def _short(value: Any) -> Any:
 
 
 def _describe(root: type[BaseModel], loc: Loc) -> str | None:
-    if not loc or not isinstance(loc[-1], str):
-        return None
-    parent = _unwrap(_type_at(root, loc[:-1]))
-    if isinstance(parent, type) and issubclass(parent, BaseModel):
-        f = parent.model_fields.get(loc[-1])
-        if f is not None and f.description:
-            return f"{loc[-1]}: {f.description}"
+    if loc and isinstance(loc[-1], str):
+        parent = _unwrap(_type_at(root, loc[:-1]))
+        if isinstance(parent, type) and issubclass(parent, BaseModel):
+            f = parent.model_fields.get(loc[-1])
+            if f is not None and f.description:
+                return f"{loc[-1]}: {f.description}"
+    here = _type_at(root, loc)
+    if isinstance(here, type) and issubclass(here, BaseModel):
+        return f"write a mapping with keys from: {', '.join(_field_names(here))}"
     return None
 
 
@@ -200,7 +203,8 @@ def convert_validation_error(exc: ValidationError, data: Any, marks: _Marks, roo
             desc = _describe(root, loc)
             out.append(marks.error(loc, "nothing", f"required key {loc[-1]!r} is missing", f"add it ({desc})" if desc else "add it"))
         else:
-            rules = "; or ".join(dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errs))
+            rules = "; or ".join(dict.fromkeys(
+                re.sub(r" or instance of \w+", "", e["msg"].removeprefix("Value error, ")) for e in errs))
             out.append(marks.error(loc, _short(err.get("input")), rules, _describe(root, loc)))
     return SpecErrors(out)
 

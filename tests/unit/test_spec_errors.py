@@ -254,3 +254,9 @@ def test_frontend_extra_port_parameter_collides():
     text = error_text(LLM.replace("{name: frontend, kind: frontend, port: 8000}",
                                   "{name: frontend, kind: frontend, port: 8000, parameters: {grpc_port: 8000}}"))
     assert "operators[1].parameters.grpc_port: port collision on localhost" in text
+
+
+def test_wrong_shape_says_what_to_write():
+    text = error_text(GOOD.replace("  - name: decoder\n    operators: [decoder]\n", "  - decoder\n"))
+    assert "workers[1]: Input should be a valid dictionary (got 'decoder')" in text
+    assert "write a mapping with keys from: name, operators, replicas" in text
