@@ -138,3 +138,33 @@ env: {LIST: "a,b"}
                           launcher="srun", run_dir="/run")
     with pytest.raises(PlanError, match="comma"):
         emit_srun(balanced, PLAN_PATH)
+
+
+def test_sbatch_lines_for_every_slurm_setting():
+    text = """\
+name: s
+operators: [{name: a, implementation: "m:A"}]
+workers: [{name: a, operators: [a], replicas: 2}]
+env: {TOKEN: "two words"}
+launch:
+  python: /opt/venv/bin/python
+  srun:
+    partition: gpu
+    account: proj1
+    time_limit: "0-02:00:00"
+    job_name: myjob
+    output: /logs/%j.out
+    container_image: img:1
+    container_mounts: ["/a:/a", "/b:/b"]
+    extra_args: ["--exclusive"]
+    env: [HF_TOKEN]
+"""
+    plan = build_plan(parse_graph(text, file="s.yaml", base_dir="/x"), launcher="sbatch", run_dir="/run")
+    script = emit_sbatch(plan, PLAN_PATH)
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=proj1", "#SBATCH --time=0-02:00:00",
+                 "#SBATCH --job-name=myjob", "#SBATCH --output=/logs/%j.out", "export TOKEN='two words'"):
+        assert line in script
+    argv = emit_srun(plan, PLAN_PATH)
+    assert "--container-image=img:1" in argv and "--container-mounts=/a:/a,/b:/b" in argv
+    assert "--export=ALL,NATS_SERVER,HF_TOKEN,TOKEN=two words" in argv
+    assert argv[-6:] == ["--exclusive", "/opt/venv/bin/python", "-m", "tdist.runtime.worker", "--plan", PLAN_PATH]
