@@ -366,9 +366,10 @@ class LLMEngineOperator(Operator):
         self.role = context.config.role
         self.engine_args = load_engine_args(context.config.engine_args, self.parameters)
         self.default_max_tokens = int(self.parameters.get("default_max_tokens", 16))
-        self.served_model_name = str(
-            self.parameters.get("served_model_name") or self.engine_args.get("served_model_name") or self.engine_args.get("model", self.name)
-        )
+        served = self.parameters.get("served_model_name") or self.engine_args.get("served_model_name")
+        if isinstance(served, (list, tuple)):
+            served = served[0] if served else None
+        self.served_model_name = str(served or self.engine_args.get("model", self.name))
         self.engine: LLMEngine | None = None
         self._inflight = 0
         self._served = 0

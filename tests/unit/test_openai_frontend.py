@@ -63,6 +63,23 @@ async def test_models(stack) -> None:
         await oai(fe).models.retrieve("gpt-9")
 
 
+async def test_model_names_come_from_discovery() -> None:
+    client, _, fe = await _stack(1, served_model_name=None)
+    try:
+        async def workers(*, max_age_s: float = 1.0) -> dict:
+            return {"llm.0": {"kinds": {"llm": "vllm"}, "per_operator": {"llm": {"stats": {"model": "tiny-llama"}}}},
+                    "router.0": {"kinds": {"router": "router"}, "per_operator": {"router": {"stats": {}}}}}
+
+        client.workers = workers  # type: ignore[attr-defined]
+        assert [m.id for m in (await oai(fe).models.list()).data] == ["tiny-llama"]
+        r = await oai(fe).completions.create(model="tiny-llama", prompt="a", max_tokens=1)
+        assert r.model == "tiny-llama"
+        with pytest.raises(openai.NotFoundError):
+            await oai(fe).completions.create(model="tiny", prompt="a", max_tokens=1)
+    finally:
+        await fe.stop()
+
+
 async def test_completion_non_stream(stack) -> None:
     _, _, fe = stack
     r = await oai(fe).completions.create(model="tiny", prompt="one two three", max_tokens=3, temperature=0)

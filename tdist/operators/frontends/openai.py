@@ -12,8 +12,9 @@ that disconnects mid-stream cancels the request all the way to the engine.
 
 Parameters: host (127.0.0.1), port (8000; 0 picks a free one — the bound port is logged as
 "OpenAI frontend listening on http://HOST:PORT", returned by stats() and, with `port_file`,
-written to that file), target (default: targets[0]), served_model_name (default: the target
-name; `model_names` adds aliases), request_timeout_s (600), default_max_tokens (16 for
+written to that file), target (default: targets[0]), served_model_name (default: the served
+names the deployment's vLLM / TensorRT-LLM workers publish, else the target name; `model_names`
+adds aliases), request_timeout_s (600), default_max_tokens (16 for
 completions; chat: until EOS or `default_chat_max_tokens`, 512).
 """
 
@@ -107,8 +108,13 @@ class OpenAIFrontend(Operator):
         self.host = str(p.get("host", "127.0.0.1"))
         self.port = int(p.get("port", 8000))
         self.port_file = p.get("port_file")
-        self.model_name = str(p.get("served_model_name") or p.get("model") or self.target)
-        self.model_names = [self.model_name] + [str(m) for m in p.get("model_names", []) if str(m) != self.model_name]
+        configured = p.get("served_model_name") or p.get("model")
+        #: Names given in the YAML; when none, the served names of the deployment's LLM operators
+        #: (their discovery stats) are used, and the target's name as a last resort.
+        self.configured_models = ([str(configured)] if configured else []) + [str(m) for m in p.get("model_names", [])]
+        self.model_name = self.configured_models[0] if self.configured_models else self.target
+        self.model_names = list(self.configured_models) or [self.target]
+        self._models_checked = 0.0
         self.request_timeout_s = float(p.get("request_timeout_s", 600.0))
         self.default_max_tokens = int(p.get("default_max_tokens", 16))
         self.default_chat_max_tokens = int(p.get("default_chat_max_tokens", 512))
@@ -199,8 +205,35 @@ class OpenAIFrontend(Operator):
             raise ApiError(400, "the request body must be a JSON object")
         return body
 
-    def _check_model(self, body: dict[str, Any]) -> str:
+    async def refresh_models(self) -> list[str]:
+        """Served model names: configured ones, else those the LLM workers publish in discovery."""
+        if self.configured_models or time.monotonic() - self._models_checked < 2.0:
+            return self.model_names
+        self._models_checked = time.monotonic()
+        workers = getattr(self.context.client, "workers", None)
+        if workers is None:
+            return self.model_names
+        try:
+            entries = await workers(max_age_s=1.0)
+        except Exception:
+            return self.model_names
+        found: list[str] = []
+        for entry in entries.values():
+            kinds = entry.get("kinds") or {}
+            per = entry.get("per_operator") or {}
+            for op, kind in kinds.items():
+                if kind in ("vllm", "trtllm"):
+                    name = ((per.get(op) or {}).get("stats") or {}).get("model")
+                    if isinstance(name, str) and name not in found:
+                        found.append(name)
+        if found:
+            self.model_names = sorted(found)
+            self.model_name = self.model_names[0]
+        return self.model_names
+
+    async def _check_model(self, body: dict[str, Any]) -> str:
         model = body.get("model")
+        await self.refresh_models()
         if model is None:
             return self.model_name
         if not isinstance(model, str) or model not in self.model_names:
@@ -258,18 +291,19 @@ class OpenAIFrontend(Operator):
         return web.json_response({"status": "ok", "target": self.target})
 
     def _model_card(self, name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": self.created, "owned_by": "tdist", "root": self.model_name}
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "tdist", "root": name}
 
     async def handle_models(self, request: Any) -> Any:
         from aiohttp import web
 
-        return web.json_response({"object": "list", "data": [self._model_card(m) for m in self.model_names]})
+        names = await self.refresh_models()
+        return web.json_response({"object": "list", "data": [self._model_card(m) for m in names]})
 
     async def handle_model(self, request: Any) -> Any:
         from aiohttp import web
 
         name = request.match_info["model"]
-        if name not in self.model_names:
+        if name not in await self.refresh_models():
             raise ApiError(404, f"The model `{name}` does not exist", param="model", code="model_not_found")
         return web.json_response(self._model_card(name))
 
@@ -277,7 +311,7 @@ class OpenAIFrontend(Operator):
         from aiohttp import web
 
         body = await self._json_body(request)
-        model = self._check_model(body)
+        model = await self._check_model(body)
         prompt = body.get("prompt")
         if isinstance(prompt, list):
             if len(prompt) != 1:
@@ -315,7 +349,7 @@ class OpenAIFrontend(Operator):
         from aiohttp import web
 
         body = await self._json_body(request)
-        model = self._check_model(body)
+        model = await self._check_model(body)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "'messages' must be a non-empty list", param="messages")
