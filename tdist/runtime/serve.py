@@ -63,7 +63,14 @@ class OperatorHost:
         self._psub: Any = None
         self._dsub: Any = None
         self._stopping = False
+        self._credits = 0  # messages our outstanding pull requests may still deliver
+        self._last_pull = 0.0
+        self._inbox = ""
+        self._next_subject = ""
         self.running: dict[str, asyncio.Task[None]] = {}
+        self._inflight_msgs: dict[str, Any] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._m_status: dict[str, Any] = {}
         labels = (worker.config.name, self.name)
         self._m_inflight = worker.metrics.inflight.labels(*labels)
         self._m_latency = worker.metrics.latency.labels(*labels)
@@ -92,12 +99,15 @@ class OperatorHost:
             await w.js.add_consumer(stream, config=consumer)
         except Exception as exc:  # exists with another config (another replica raced): reuse it
             log.debug("add_consumer %s: %s", durable, exc)
-        self._psub = await w.js.pull_subscribe_bind(durable=durable, stream=stream)
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._inbox = w.nc.new_inbox()
+        self._psub = await w.nc.subscribe(self._inbox, cb=self._on_pulled)
         self._dsub = await w.nc.subscribe(
             P.direct_subject(w.deployment, self.name, w.config.name), cb=self._on_direct
         )
         self._runners = [asyncio.create_task(self._runner(), name=f"{self.name}-runner-{i}") for i in range(self.max_inflight)]
         self._pull_task = asyncio.create_task(self._pull_loop(), name=f"{self.name}-pull")
+        self._sweeper = asyncio.create_task(self._keep_in_progress(), name=f"{self.name}-in-progress")
 
     async def _on_direct(self, msg: Any) -> None:
         if self._stopping:
@@ -105,34 +115,57 @@ class OperatorHost:
         reply = (msg.headers or {}).get(P.HDR_REPLY)
         self._queue.put_nowait(_Item(msg.data, None, 1, reply))
 
-    async def _pull_loop(self) -> None:
-        import nats.errors
+    async def _on_pulled(self, msg: Any) -> None:
+        """A message for one of our pull requests: a request (one credit used) or a status."""
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status is not None and not msg.data:
+            if status in ("408", "409"):  # the pull request ended (expired / limits): credits come back
+                try:
+                    returned = int(headers.get("Nats-Pending-Messages", "0"))
+                except ValueError:
+                    returned = 0
+                self._credits = max(0, self._credits - returned)
+                if status == "409":
+                    log.warning("pull request for %s ended: %s", self.name, headers.get("Description"))
+                self._capacity.set()
+            return  # 100 idle heartbeat / 404 no messages: nothing to do
+        self._credits = max(0, self._credits - 1)
+        try:
+            attempt = int(msg.metadata.num_delivered)
+        except Exception:
+            attempt = 1
+        self._queue.put_nowait(_Item(msg.data, msg, attempt, headers.get(P.HDR_REPLY)))
 
+    async def _pull_loop(self) -> None:
+        """Keep a pull window of max_inflight: ask for the free share once half of it is free.
+
+        Pull requests are long-lived (expires) credits on a private inbox, so a busy operator
+        costs one pull request per half-window, not one round trip per request.
+        """
+        import json
+
+        expires_s = 5.0
         while not self._stopping:
             self._capacity.clear()
-            free = self.max_inflight - self.busy - self._queue.qsize()
-            if free < self.pull_threshold:
-                await self._capacity.wait()
+            free = self.max_inflight - self.busy - self._queue.qsize() - self._credits
+            if self._credits and time.monotonic() - self._last_pull > expires_s + 1.0:
+                self._credits = 0  # every pull request has expired by now, whatever we heard
                 continue
-            try:
-                msgs = await self._psub.fetch(free, timeout=2.0)
-            except (asyncio.TimeoutError, nats.errors.TimeoutError):
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # connection trouble: back off a little, then retry
-                if self._stopping:
-                    return
-                log.warning("pull from %s failed: %s", self.name, exc)
-                await asyncio.sleep(0.5)
-                continue
-            for m in msgs:
+            if free >= self.pull_threshold:
+                self._credits += free
+                self._last_pull = time.monotonic()
+                body = json.dumps({"batch": free, "expires": int(expires_s * 1e9)}).encode()
                 try:
-                    attempt = int(m.metadata.num_delivered)
-                except Exception:
-                    attempt = 1
-                reply = (m.headers or {}).get(P.HDR_REPLY)
-                self._queue.put_nowait(_Item(m.data, m, attempt, reply))
+                    await self.worker.nc.publish(self._next_subject, body, reply=self._inbox)
+                except Exception as exc:
+                    self._credits -= free
+                    log.warning("pull request for %s failed: %s", self.name, exc)
+                continue
+            try:  # woken when a request finishes or a pull request ends; re-pull at least every expires_s
+                await asyncio.wait_for(self._capacity.wait(), expires_s)
+            except asyncio.TimeoutError:
+                pass
 
     async def _runner(self) -> None:
         while True:
@@ -203,7 +236,8 @@ class OperatorHost:
         )
         task = asyncio.create_task(self._execute(request, req.inputs), name=f"req-{req.id}")
         self.running[req.id] = task
-        keepalive = asyncio.create_task(self._keep_in_progress(item.msg)) if item.msg is not None else None
+        if item.msg is not None:
+            self._inflight_msgs[req.id] = item.msg
         status = "ok"
         try:
             try:
@@ -236,8 +270,7 @@ class OperatorHost:
             await _ack(item.msg)
         finally:
             self.running.pop(req.id, None)
-            if keepalive is not None:
-                keepalive.cancel()
+            self._inflight_msgs.pop(req.id, None)
         self._count(status)
         self._m_latency.observe(time.perf_counter() - t0)
 
@@ -253,15 +286,20 @@ class OperatorHost:
                 operator=self.name, request_id=request.id,
             ) from None
 
-    async def _keep_in_progress(self, msg: Any) -> None:
-        """Tell JetStream a long request is still alive so it is not redelivered meanwhile."""
+    async def _keep_in_progress(self) -> None:
+        """Tell JetStream that long requests are still alive so they are not redelivered meanwhile.
+
+        One sweeper per operator (not a task per request): every ack_wait/3 it marks each
+        executing JetStream message in progress.
+        """
         interval = max(0.2, self.worker.config.request_plane.ack_wait_s / 3)
         while True:
             await asyncio.sleep(interval)
-            try:
-                await msg.in_progress()
-            except Exception:
-                return
+            for msg in list(self._inflight_msgs.values()):
+                try:
+                    await msg.in_progress()
+                except Exception:
+                    pass
 
     async def _publish_final_error(self, reply: str | None, rid: str, seq: int, err: RequestError, attempt: int) -> None:
         if not reply:
@@ -279,7 +317,10 @@ class OperatorHost:
             self.served += 1
         else:
             self.errors += 1
-        self.worker.metrics.requests.labels(self.worker.config.name, self.name, status).inc()
+        counter = self._m_status.get(status)
+        if counter is None:
+            counter = self._m_status[status] = self.worker.metrics.requests.labels(self.worker.config.name, self.name, status)
+        counter.inc()
 
     def cancel(self, request_id: str) -> bool:
         task = self.running.get(request_id)
@@ -296,6 +337,8 @@ class OperatorHost:
         self._capacity.set()
         if self._pull_task is not None:
             self._pull_task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for sub in (self._dsub, self._psub):
             if sub is not None:
                 try:

@@ -122,6 +122,7 @@ class RequestClient:
         self._queues: dict[str, asyncio.Queue[P.ResponseMessage]] = {}
         self._sub: Any = None
         self._workers_cache: tuple[float, dict[str, dict[str, Any]]] = (0.0, {})
+        self._stream_known = False  # set after the first acknowledged publish into the stream
 
     @classmethod
     async def connect(
@@ -259,18 +260,18 @@ class RequestClient:
             await self._publish(msg, payload)
             accepted_attempt: int | None = None
             yielded = 0
+            loop = asyncio.get_running_loop()
             while True:
-                remaining = deadline - time.time()
-                if remaining <= 0:
+                try:
+                    # one cheap timer per wait (asyncio.timeout), not a task per wait (wait_for)
+                    async with asyncio.timeout_at(loop.time() + (deadline - time.time())):
+                        resp = await queue.get()
+                except TimeoutError:
                     raise RequestTimeout(
                         f"no final response within the deadline ({timeout_s or self.config.default_timeout_s:g} s)",
                         operator=operator,
                         request_id=rid,
-                    )
-                try:
-                    resp = await asyncio.wait_for(queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    continue  # loop re-checks the deadline and raises
+                    ) from None
                 if accepted_attempt is None:
                     accepted_attempt = resp.attempt
                 elif resp.attempt != accepted_attempt:
@@ -289,7 +290,7 @@ class RequestClient:
                     err = RequestError.from_wire(resp.error)
                     err.request_id = err.request_id or rid
                     raise err
-                outputs = await decode_tensors(self.codec, resp.outputs)
+                outputs = await decode_tensors(self.codec, resp.outputs) if resp.outputs else {}
                 if resp.final:
                     finished = True
                 yielded += 1
@@ -323,6 +324,10 @@ class RequestClient:
                 await self.nc.publish(
                     P.direct_subject(self.deployment, msg.operator, msg.instance), payload, headers=headers
                 )
+            elif self._stream_known:
+                # The stream exists and a ready worker pulls from it (checked above): a core
+                # publish is stored by JetStream without a PubAck round trip per request.
+                await self.nc.publish(P.request_subject(self.deployment, msg.operator), payload, headers=headers)
             else:
                 await self.js.publish(
                     P.request_subject(self.deployment, msg.operator),
@@ -330,6 +335,7 @@ class RequestClient:
                     headers={**headers, "Nats-Msg-Id": msg.id},
                     timeout=max(0.1, min(5.0, msg.deadline - time.time())),
                 )
+                self._stream_known = True
         except MaxPayloadError as exc:
             raise PayloadTooLarge(str(exc), operator=msg.operator, request_id=msg.id) from None
         except NoStreamResponseError:
