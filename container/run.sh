@@ -46,7 +46,7 @@ Passed through by name when set on the host: ${PASSTHROUGH_ENV[*]}.
 
 Examples:
   ${PROG} -it --mount-workspace
-  ${PROG} --framework VLLM --gpus -it --mount-workspace -- tdist deploy graphs/llm.yaml
+  ${PROG} --framework VLLM --gpus -it --mount-workspace -- tdist deploy graphs/llm_vllm_monolith.yaml
 EOF
 }
 

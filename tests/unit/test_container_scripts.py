@@ -105,7 +105,7 @@ RUN_CASES = {
     "run_default": ([], {}),
     "run_vllm_workspace_gpus": (
         ["-it", "--mount-workspace", "--gpus", "--framework", "VLLM", "--",
-         "tdist", "deploy", "graphs/llm.yaml"],
+         "tdist", "deploy", "graphs/llm_vllm_monolith.yaml"],
         {"HF_TOKEN": SECRET, "NATS_SERVER": "nats://127.0.0.1:4222",
          "ETCD_ENDPOINTS": "http://127.0.0.1:2379"},
     ),
