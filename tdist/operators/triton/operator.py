@@ -68,6 +68,18 @@ def _log_path(worker: WorkerConfig, workdir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"tdist-{worker.name}-{os.getpid()}.triton.log"
 
 
+def _workdir(worker: WorkerConfig) -> Path:
+    """The overlay repository + backend dir: beside the worker's log (one fixed place per worker,
+    so a restarted worker reuses it instead of leaving /tmp folders behind), else a temp dir."""
+    if worker.log_path:
+        p = Path(worker.log_path)
+        workdir = p.parent / f"{p.stem}.triton"
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        return workdir
+    return Path(tempfile.mkdtemp(prefix=f"tdist-triton-{worker.name}-"))
+
+
 def resolve_mode(parameters: dict[str, Any]) -> str:
     mode = str(parameters.get("triton_mode") or os.environ.get("TDIST_TRITON_MODE") or "auto").replace("-", "_")
     if mode not in MODES:
@@ -80,7 +92,7 @@ async def _start_engine(worker: WorkerConfig, mode: str, logger: logging.Logger)
     from tdist.operators.triton.inprocess import TritonInProcessEngine, import_tritonserver
     from tdist.operators.triton.server import TritonProcessEngine
 
-    workdir = Path(tempfile.mkdtemp(prefix=f"tdist-triton-{worker.name}-"))
+    workdir = _workdir(worker)
     log_path = _log_path(worker, workdir)
     reasons = []
     if mode in ("auto", "in_process"):
