@@ -53,6 +53,7 @@ class FakeClient:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.timeouts: list[float | None] = []
 
     async def workers(self, *, max_age_s: float = 1.0) -> dict[str, dict[str, Any]]:
         return {
@@ -68,6 +69,7 @@ class FakeClient:
 
     async def infer(self, operator, *, inputs=None, parameters=None, timeout_s=None, instance=None, request_id=None):
         self.calls.append((operator, dict(parameters or {})))
+        self.timeouts.append(timeout_s)
         if operator == "echo":
             yield Response(request_id="x", outputs=dict(inputs), parameters={"echoed": len(inputs)}, final=True)
         elif operator == "encoder":
@@ -195,6 +197,17 @@ async def test_grpc_infer_dtypes_and_shapes(frontend):
 
     await asyncio.to_thread(check)
     assert frontend.core.client.calls[-1] == ("echo", {"k": "v", "n": 3})
+
+
+async def test_kserve_timeout_parameter_becomes_the_deadline(frontend):
+    def check():
+        inp = httpclient.InferInput("x", [1], "INT32")
+        inp.set_data_from_numpy(np.array([1], dtype=np.int32))
+        http_client(frontend).infer("echo", [inp], timeout=2_500_000)  # microseconds, as Triton's
+
+    await asyncio.to_thread(check)
+    assert frontend.core.client.timeouts[-1] == 2.5
+    assert "timeout" not in frontend.core.client.calls[-1][1]
 
 
 async def test_infer_triton_described_model(frontend):

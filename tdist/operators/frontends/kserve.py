@@ -257,6 +257,11 @@ class KServeCore:
         info = await self.model(name, version)
         self.requests += 1
         timeout_s = float(parameters.pop("timeout_s", self.timeout_s))
+        if "timeout" in parameters:  # KServe/Triton request parameter, in microseconds
+            try:
+                timeout_s = float(parameters.pop("timeout")) / 1e6
+            except (TypeError, ValueError):
+                raise bad("request parameter 'timeout' must be microseconds (a number)") from None
         try:
             async for resp in RemoteOperator(name, client=self.client).async_infer(inputs, parameters, timeout_s=timeout_s):
                 outs = {k: (v if isinstance(v, np.ndarray) else np.asarray(v)) for k, v in resp.outputs.items()}
