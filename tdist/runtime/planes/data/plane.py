@@ -30,7 +30,7 @@ from tdist.runtime.tensors import as_array, dtype_name, numpy_dtype, tensor_from
 
 from . import cuda, segments
 from .refs import Ref, host_id, is_ref, process_alive, self_identity, ucx_uri
-from .ucx import Served, UcxClient, UcxServer, import_ucxx, ucx_available, ucx_environment
+from .ucx import Served, UcxClient, UcxServer, _Runtime, ucx_available, ucx_environment
 
 log = logging.getLogger("tdist.data")
 
@@ -64,6 +64,7 @@ class DataPlane:
         self._started = False
         self._closed = False
         self._last_sweep = 0.0
+        self._holds_ucx = False
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -94,13 +95,21 @@ class DataPlane:
                 await self._reaper
             except (asyncio.CancelledError, Exception):
                 pass
-        if self._server is not None:
-            await self._server.close()
-        if self._client is not None:
-            await self._client.close()
-        if self._pool is not None:
-            self._pool.close()
-        self._entries.clear()
+        try:
+            for part in (self._server, self._client):
+                if part is not None:
+                    try:
+                        await asyncio.wait_for(part.close(), 15)
+                    except Exception as exc:
+                        log.warning("data plane: closing %s failed: %r", type(part).__name__, exc)
+        finally:
+            self._server = self._client = None
+            if self._holds_ucx:
+                self._holds_ucx = False
+                _Runtime.release()
+            if self._pool is not None:
+                self._pool.close()
+            self._entries.clear()
 
     async def __aenter__(self) -> "DataPlane":
         await self.start()
@@ -115,8 +124,7 @@ class DataPlane:
     async def _ensure_server(self) -> UcxServer:
         async with self._ucx_lock:
             if self._server is None:
-                ucxx = import_ucxx(self._ucx_env())
-                server = UcxServer(ucxx, self._serve_get, self._release_local)
+                server = UcxServer(self._ucxx(), self._serve_get, self._release_local)
                 server.start()
                 self._server = server
         return self._server
@@ -124,8 +132,15 @@ class DataPlane:
     async def _ensure_client(self) -> UcxClient:
         async with self._ucx_lock:
             if self._client is None:
-                self._client = UcxClient(import_ucxx(self._ucx_env()))
+                self._client = UcxClient(self._ucxx())
         return self._client
+
+    def _ucxx(self) -> Any:
+        if not self._holds_ucx:
+            module = _Runtime.acquire(self._ucx_env())
+            self._holds_ucx = True
+            return module
+        return _Runtime.module
 
     # -- encode ---------------------------------------------------------------------------
     async def encode(self, value: Any) -> dict[str, Any]:
