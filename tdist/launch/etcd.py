@@ -89,9 +89,12 @@ class EtcdServer:
     owns_data_dir: bool = True
     _log_file: object = field(default=None, repr=False)
 
+    advertise_host: str = "127.0.0.1"
+    listen_host: str = "127.0.0.1"
+
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"http://{self.advertise_host}:{self.client_port}"
 
     @property
     def endpoints(self) -> list[str]:
@@ -128,16 +131,27 @@ class EtcdServer:
         self.stop()
 
 
-def etcd_command(binary: str, data_dir: Path, client_port: int, peer_port: int, name: str = "tdist") -> list[str]:
-    """The argv for a one-member etcd on 127.0.0.1 (pure; explicit URLs, as etcd needs them)."""
-    client = f"http://127.0.0.1:{client_port}"
+def etcd_command(
+    binary: str,
+    data_dir: Path,
+    client_port: int,
+    peer_port: int,
+    name: str = "tdist",
+    *,
+    host: str = "127.0.0.1",
+    advertise_host: str | None = None,
+) -> list[str]:
+    """The argv for a one-member etcd (pure; explicit URLs, as etcd needs them). Clients listen on
+    `host` (0.0.0.0 for other nodes) and are told `advertise_host`; peers stay on 127.0.0.1."""
+    client = f"http://{host}:{client_port}"
+    advertised = f"http://{advertise_host or host}:{client_port}"
     peer = f"http://127.0.0.1:{peer_port}"
     return [
         binary,
         "--name", name,
         "--data-dir", str(data_dir),
         "--listen-client-urls", client,
-        "--advertise-client-urls", client,
+        "--advertise-client-urls", advertised,
         "--listen-peer-urls", peer,
         "--initial-advertise-peer-urls", peer,
         "--initial-cluster", f"{name}={peer}",
@@ -152,6 +166,8 @@ def start_etcd(
     log_path: str | os.PathLike[str] | None = None,
     timeout_s: float = 30.0,
     attempts: int = 3,
+    host: str = "127.0.0.1",
+    advertise_host: str | None = None,
 ) -> EtcdServer:
     """Start an embedded etcd on free ports and wait until it serves.
 
@@ -168,13 +184,15 @@ def start_etcd(
         client_port, peer_port = _free_ports(2)
         logf = open(lpath, "ab")
         proc = subprocess.Popen(
-            etcd_command(binary, ddir / "data", client_port, peer_port),
+            etcd_command(binary, ddir / "data", client_port, peer_port, host=host, advertise_host=advertise_host),
             stdout=logf,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-        server = EtcdServer(proc, client_port, peer_port, ddir, lpath, owns_data_dir=owns, _log_file=logf)
+        server = EtcdServer(proc, client_port, peer_port, ddir, lpath, owns_data_dir=owns, _log_file=logf,
+                            advertise_host=advertise_host or ("127.0.0.1" if host == "0.0.0.0" else host),
+                            listen_host=host)
         try:
             _wait_ready(server, timeout_s)
             return server
@@ -202,7 +220,8 @@ def _wait_ready(server: EtcdServer, timeout_s: float) -> None:
             seen = READY_LINE in server.log_path.read_text(errors="replace")
         except OSError:
             seen = False
-        if seen and _healthy(server.endpoint):
+        local = "127.0.0.1" if server.listen_host == "0.0.0.0" else server.listen_host
+        if seen and _healthy(f"http://{local}:{server.client_port}"):
             return
         time.sleep(delay)
         delay = min(delay * 2, 0.2)

@@ -260,3 +260,411 @@ def rank_log_tail(run_dir: str | os.PathLike[str], rank: int, lines: int = 20) -
     candidates = sorted(run.glob(f"logs/ranks/*/rank.{rank}/stderr")) + sorted(run.glob(f"logs/ranks/*/rank.{rank}/stdout"))
     candidates.append(run / "logs" / f"rank-{rank}.log")
     return "\n".join(t for t in (tail(c, lines) for c in candidates) if t)
+
+
+# ---------------------------------------------------------------- the world supervisor
+#
+# `python -m tdist.launch.mpirun --run-dir DIR` is the detached supervisor of a world deployment
+# (launchers mpirun and srun), the counterpart of `tdist.launch.supervisor` for local ones: same
+# run directory (plan.json, launch.json in; state.json, logs/ out), same life cycle. It starts the
+# embedded nats-server (and etcd when `discovery: etcd` with embedded endpoints), the service
+# workers (routers, frontends) as local processes, and the world as ONE mpirun/srun process
+# whose argv is exactly `emit_mpirun`/`emit_srun` of the plan. It waits until every rank is
+# ready in discovery, then watches: a world that ends on its own fails the deployment (an MPI
+# world does not restart single ranks). Stop: SIGTERM the world (ranks drain), then the service
+# workers, NATS and etcd.
+#
+# Per-rank logs without touching the argv: Open MPI tags each output line with its rank when
+# OMPI_MCA_orte_tag_output=1 (`[1,R]<stdout>:`), srun when SLURM_LABELIO=1 (`R: `); the
+# supervisor reads the world's output and writes rank R's lines to that worker's log_path
+# (`<run>/logs/<worker>.log`), and every line to `<run>/logs/<launcher>.log`.
+
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from dataclasses import dataclass as _dataclass, field as _field  # noqa: E402
+
+log = logging.getLogger("tdist.launch.world")
+
+_OMPI_TAG = re.compile(r"^\[\d+,(\d+)\]<(?:stdout|stderr)>:(.*)$", re.S)
+_SRUN_TAG = re.compile(r"^\s*(\d+): (.*)$", re.S)
+
+
+def parse_rank_line(line: str, launcher: str) -> tuple[int | None, str]:
+    """`[1,2]<stdout>:text` (mpirun) or `2: text` (srun --label) → (2, "text"); untagged → (None, line)."""
+    m = (_OMPI_TAG if launcher == "mpirun" else _SRUN_TAG).match(line)
+    if not m:
+        return None, line
+    return int(m.group(1)), m.group(2)
+
+
+def world_env(
+    launcher: str,
+    *,
+    base: dict[str, str] | None = None,
+    nats_url: str | None = None,
+    etcd_endpoints: list[str] | None = None,
+    extra: dict[str, str] | None = None,
+    drain_timeout_s: float = 30.0,
+) -> dict[str, str]:
+    """Environment of the mpirun/srun process: what the emitted argv forwards to the ranks
+    (NATS_SERVER, ETCD_ENDPOINTS via -x / --export), this interpreter's bin dir first on PATH
+    (the argv says `python`), root permission for Open MPI, and rank-tagged output."""
+    env = mpirun_base_env(base) if launcher == "mpirun" else dict(os.environ if base is None else base)
+    env.update(extra or {})
+    bindir = os.path.dirname(sys.executable)
+    if env.get("PATH", "").split(os.pathsep)[0] != bindir:
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    if nats_url:
+        env["NATS_SERVER"] = nats_url
+    if etcd_endpoints:
+        env["ETCD_ENDPOINTS"] = ",".join(etcd_endpoints)
+    if launcher == "mpirun":
+        env["OMPI_MCA_orte_tag_output"] = "1"
+    else:
+        env["SLURM_LABELIO"] = "1"
+    return env
+
+
+class RankLogDemux:
+    """Reads the world's merged output; writes each rank's lines to its own log file."""
+
+    def __init__(self, stream, launcher: str, launcher_log: Path, rank_logs: dict[int, str]) -> None:  # noqa: ANN001
+        self.stream = stream
+        self.launcher = launcher
+        self.launcher_log = launcher_log
+        self.rank_logs = rank_logs
+        self._files: dict[int, Any] = {}
+        self.thread = threading.Thread(target=self._run, name="rank-log-demux", daemon=True)
+
+    def start(self) -> "RankLogDemux":
+        self.thread.start()
+        return self
+
+    def _file(self, rank: int) -> Any:
+        if rank not in self._files:
+            path = self.rank_logs.get(rank) or str(self.launcher_log.parent / f"rank-{rank}.log")
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._files[rank] = open(path, "a", buffering=1)
+        return self._files[rank]
+
+    def _run(self) -> None:
+        with open(self.launcher_log, "a", buffering=1) as all_out:
+            for raw in iter(self.stream.readline, b""):
+                line = raw.decode(errors="replace")
+                all_out.write(line)
+                rank, text = parse_rank_line(line, self.launcher)
+                if rank is not None:
+                    f = self._file(rank)
+                    f.write(text if text.endswith("\n") else text + "\n")
+        for f in self._files.values():
+            f.close()
+
+    def join(self, timeout_s: float = 10.0) -> None:
+        self.thread.join(timeout_s)
+
+
+def _local_supervisor_cls():  # noqa: ANN202 - lazy: keeps `import tdist.launch.mpirun` light
+    from tdist.launch.local import LocalSupervisor
+
+    return LocalSupervisor
+
+
+def make_world_supervisor(run_dir: str | os.PathLike[str]) -> Any:
+    """Build the supervisor of a world deployment from `<run>/plan.json` + `<run>/launch.json`."""
+    from tdist.plan.model import Plan
+
+    run = Path(run_dir)
+    plan = Plan.model_validate_json((run / "plan.json").read_text())
+    opts = json.loads((run / "launch.json").read_text())
+    cls = _world_supervisor_class()
+    return cls(
+        deployment=opts.get("deployment", plan.deployment),
+        workers=list(plan.workers),
+        run_dir=run,
+        nats_url=opts.get("nats_url"),
+        startup_timeout_s=float(opts.get("startup_timeout_s", plan.startup_timeout_s)),
+        restart=bool(opts.get("restart", plan.restart_on_crash)),
+        graph=opts.get("graph"),
+        extra_env=dict(opts.get("env", {})),
+        plan=plan,
+        launcher=opts.get("launcher", plan.launcher),
+        plan_path=str(run / "plan.json"),
+    )
+
+
+_WORLD_CLS: Any = None
+
+
+def _world_supervisor_class() -> Any:
+    """WorldSupervisor subclasses the lead's LocalSupervisor (NATS, service workers, teardown)."""
+    global _WORLD_CLS
+    if _WORLD_CLS is not None:
+        return _WORLD_CLS
+    Local = _local_supervisor_cls()
+    from tdist.launch.local import _Proc, tail_file
+    from tdist.launch.nats import start_nats
+    from tdist.launch.rundir import WorkerRecord
+
+    @_dataclass
+    class WorldSupervisor(Local):  # type: ignore[misc, valid-type]
+        plan: Any = None
+        launcher: str = "mpirun"
+        plan_path: str = ""
+        world: subprocess.Popen | None = _field(init=False, default=None)
+        etcd: Any = _field(init=False, default=None)
+        demux: RankLogDemux | None = _field(init=False, default=None)
+        world_exit: int | None = _field(init=False, default=None)
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            self.state.launcher = self.launcher
+
+        def world_argv(self) -> list[str]:
+            from tdist.plan.emit import emit_mpirun, emit_srun
+
+            if self.launcher == "mpirun":
+                return emit_mpirun(self.plan, self.plan_path)
+            return emit_srun(self.plan, self.plan_path)
+
+        async def start(self, progress: Any = None) -> None:
+            plan = self.plan
+            try:
+                host = os.environ.get("TDIST_BIND_HOST") or ("0.0.0.0" if plan.nodes > 1 else "127.0.0.1")
+                advertise = os.uname().nodename if host == "0.0.0.0" else host
+                if self.nats_url is None:
+                    self.nats = start_nats(work_dir=str(self.run_dir / "nats"), host=host)
+                    self.nats_url = f"nats://{advertise}:{self.nats.port}"
+                    self.state.nats_pid = self.nats.pid
+                    self.state.nats_embedded = True
+                self.state.nats_url = self.nats_url
+                etcd_eps: list[str] = []
+                if plan.discovery == "etcd":
+                    if plan.etcd_endpoints == "embedded":
+                        from tdist.launch.etcd import start_etcd
+
+                        self.etcd = start_etcd(data_dir=str(self.run_dir / "etcd"), host=host, advertise_host=advertise)
+                        etcd_eps = self.etcd.endpoints
+                        self.state.etcd_pid = self.etcd.process.pid
+                    else:
+                        etcd_eps = list(plan.etcd_endpoints or []) or [
+                            e for e in os.environ.get("ETCD_ENDPOINTS", "").split(",") if e
+                        ]
+                    self.state.etcd_endpoints = etcd_eps
+                    os.environ["ETCD_ENDPOINTS"] = ",".join(etcd_eps)  # our own discovery client
+                    self.extra_env["ETCD_ENDPOINTS"] = ",".join(etcd_eps)  # service workers
+                self.state.save()
+
+                # The world: one mpirun/srun process, argv exactly as `tdist plan` shows it.
+                argv = self.world_argv()
+                env = world_env(self.launcher, nats_url=self.nats_url, etcd_endpoints=etcd_eps, extra=self.extra_env,
+                                drain_timeout_s=self.drain_timeout_s)
+                launcher_log = self.run_dir / "logs" / f"{self.launcher}.log"
+                self.world = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    env=env, cwd=str(self.run_dir), start_new_session=True,
+                )
+                rank_logs = {
+                    i: (w.log_path or str(self.run_dir / "logs" / f"{w.name}.log"))
+                    for i, w in enumerate(plan.world_workers)
+                }
+                self.demux = RankLogDemux(self.world.stdout, self.launcher, launcher_log, rank_logs).start()
+                self.state.job_id = env.get("SLURM_JOB_ID") if self.launcher == "srun" else str(self.world.pid)
+                self.state.extra.update({"world_pid": self.world.pid, "world_argv": argv, "launcher_log": str(launcher_log),
+                                         "world_size": plan.world_size})
+                for i, w in enumerate(plan.world_workers):
+                    self.state.workers[w.name] = WorkerRecord(name=w.name, component=w.component, pid=None,
+                                                              log=rank_logs[i], state="running")
+                WorldRecord(launcher=self.launcher, argv=argv, run_dir=str(self.run_dir), log_path=str(launcher_log),
+                            pid=self.world.pid, job_id=self.state.job_id, ranks=plan.world_size,
+                            slurm_conf=env.get("SLURM_CONF")).save()
+
+                # Service workers (routers, frontends) as local processes beside NATS.
+                for w in plan.service_workers:
+                    rec = WorkerRecord(name=w.name, component=w.component,
+                                       log=w.log_path or str(self.run_dir / "logs" / f"{w.name}.log"))
+                    self.state.workers[w.name] = rec
+                    proc = _Proc(w, rec)
+                    self._procs.append(proc)
+                    self._spawn(proc)
+                self.state.save()
+                await self._wait_world_ready(progress)
+            except BaseException as exc:
+                self.state.state = "failed"
+                self.state.error = exc.render() if isinstance(exc, LaunchError) else f"{type(exc).__name__}: {exc}"
+                self.state.save()
+                await self.stop(final_state="failed")
+                raise
+            self.state.state = "ready"
+            self.state.save()
+
+        def _world_failure(self) -> LaunchError | None:
+            if self.world is None or self.world.poll() is None:
+                return None
+            if self.demux is not None:
+                self.demux.join(2)
+            launcher_log = self.run_dir / "logs" / f"{self.launcher}.log"
+            return LaunchError(
+                f"{self.launcher} exited with code {self.world.returncode}: the world ended",
+                log_tail=tail_file(str(launcher_log), 20),
+                log_path=str(launcher_log),
+            )
+
+        async def _wait_world_ready(self, progress: Any) -> None:
+            from tdist.runtime.planes.request import RequestClient
+
+            client = await RequestClient.connect(self.nats_url, self.deployment, discovery=self.workers[0].discovery)
+            try:
+                deadline = time.monotonic() + self.startup_timeout_s
+                names = set(self.state.workers)
+                while True:
+                    failure = self._world_failure()
+                    if failure is not None:
+                        raise failure
+                    for p in self._procs:
+                        if p.process is not None and p.process.poll() is not None:
+                            raise LaunchError(f"worker {p.config.name} exited with code {p.process.returncode} during start",
+                                              log_tail=tail_file(p.record.log), log_path=p.record.log)
+                    entries = await self._discovery_entries(client)
+                    failed = [n for n, e in entries.items() if e.get("state") == "failed" and n in names]
+                    if failed:
+                        rec = self.state.workers[failed[0]]
+                        raise LaunchError(f"worker {failed[0]} failed to start: {entries[failed[0]].get('error')}",
+                                          log_tail=tail_file(rec.log), log_path=rec.log)
+                    ready = {n for n, e in entries.items() if e.get("state") == "ready" and n in names}
+                    for n in ready:
+                        rec = self.state.workers[n]
+                        if rec.pid is None and entries[n].get("pid"):
+                            rec.pid = int(entries[n]["pid"])
+                            self.state.extra.setdefault("rank_hosts", {})[n] = entries[n].get("host")
+                    if progress:
+                        progress(len(ready), len(names), ", ".join(sorted(names - ready)))
+                    if ready == names:
+                        return
+                    if time.monotonic() > deadline:
+                        slow = sorted(names - ready)
+                        rec = self.state.workers[slow[0]]
+                        raise LaunchError(f"not ready within {self.startup_timeout_s:g} s: {', '.join(slow)}",
+                                          log_tail=tail_file(rec.log) or tail_file(str(self.run_dir / "logs" / f"{self.launcher}.log")),
+                                          log_path=rec.log)
+                    await asyncio.sleep(0.1)
+            finally:
+                await client.close()
+
+        def _drain_world(self) -> None:
+            """Let the ranks drain before the world is torn down.
+
+            mpirun answers SIGTERM by killing the job (SIGTERM, then SIGKILL ~1 s later: no time
+            to finish in-flight requests), so: if the worker drains on SIGUSR2 too
+            (`tdist.runtime.worker.DRAIN_SIGNALS`), send SIGUSR2 to mpirun, which forwards it to
+            every rank on every node; otherwise SIGTERM the ranks on this host directly. srun
+            forwards SIGTERM to the step's tasks itself. Then wait (bounded) for the world to end.
+            """
+            world = self.world
+            if world is None or world.poll() is not None:
+                return
+            if self.launcher != "mpirun":
+                _signal(world.pid, signal.SIGTERM)
+            elif signal.SIGUSR2 in _worker_drain_signals():
+                _signal(world.pid, signal.SIGUSR2)
+            else:
+                me = os.uname().nodename.split(".")[0]
+                hosts = self.state.extra.get("rank_hosts", {})
+                for w in self.plan.world_workers:
+                    rec = self.state.workers.get(w.name)
+                    if rec and rec.pid and str(hosts.get(w.name) or me).split(".")[0] == me:
+                        _signal(rec.pid, signal.SIGTERM)
+            deadline = time.monotonic() + self.drain_timeout_s
+            while world.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+        async def supervise(self, stop: asyncio.Event) -> None:
+            async def watch_world() -> None:
+                while not stop.is_set():
+                    failure = self._world_failure()
+                    if failure is not None:
+                        self.world_exit = self.world.returncode if self.world else None
+                        self.state.error = failure.render()
+                        self.state.save()
+                        log.error("%s", self.state.error)
+                        stop.set()
+                        return
+                    await asyncio.sleep(0.2)
+
+            watcher = asyncio.create_task(watch_world())
+            try:
+                await super().supervise(stop)
+            finally:
+                watcher.cancel()
+
+        async def stop(self, final_state: str = "stopped") -> None:
+            if self.state.state != "failed":
+                self.state.state = "stopping"
+                self.state.save()
+            if self.world is not None:
+                await asyncio.to_thread(self._drain_world)
+                await asyncio.to_thread(stop_pid, self.world.pid, timeout_s=10)
+                if self.world.poll() is None:
+                    self.world.wait(5)
+                if self.demux is not None:
+                    self.demux.join(5)
+            for rec in self.state.workers.values():
+                if rec.name in {w.name for w in self.plan.world_workers}:
+                    rec.state = "stopped"
+            if self.world_exit is not None and final_state == "stopped":
+                final_state = "failed"
+            await super().stop(final_state=final_state)
+            if self.etcd is not None:
+                self.etcd.stop()
+                self.etcd = None
+
+    _WORLD_CLS = WorldSupervisor
+    return WorldSupervisor
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _worker_drain_signals() -> tuple[int, ...]:
+    try:
+        from tdist.runtime import worker
+
+        return tuple(getattr(worker, "DRAIN_SIGNALS", (signal.SIGTERM, signal.SIGINT)))
+    except Exception:  # noqa: BLE001
+        return (signal.SIGTERM, signal.SIGINT)
+
+
+async def _run_world(sup: Any) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await sup.start()
+    except LaunchError as exc:
+        log.error("start failed: %s", exc.render())
+        return exc.exit_code
+    await sup.supervise(stop)
+    await sup.stop()
+    return 0 if sup.world_exit is None else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m tdist.launch.mpirun",
+                                 description="Supervise a world deployment (mpirun or srun) from its run directory.")
+    ap.add_argument("--run-dir", required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return asyncio.run(_run_world(make_world_supervisor(args.run_dir)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

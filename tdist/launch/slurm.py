@@ -193,3 +193,116 @@ def start_srun(
     record.job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
     record.save()
     return record
+
+
+# ---------------------------------------------------------------- sbatch deployments
+
+
+def sbatch_env(base: dict[str, str] | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment sbatch submits with (the job inherits it, `--export=ALL`): this interpreter's
+    bin dir first on PATH (the script runs `python`, `nats-server`, `etcd`), and SLURM_LABELIO=1
+    so the world step tags each output line with its rank (split per worker by `split_rank_output`)."""
+    import sys
+
+    env = dict(os.environ if base is None else base)
+    env.update(extra or {})
+    bindirs = [os.path.dirname(sys.executable)]
+    try:
+        from tdist.launch.etcd import find_etcd_binary
+
+        bindirs.append(os.path.dirname(find_etcd_binary()))
+    except LaunchError:
+        pass
+    path = env.get("PATH", "").split(os.pathsep)
+    env["PATH"] = os.pathsep.join(list(dict.fromkeys(bindirs + path)))
+    env["SLURM_LABELIO"] = "1"
+    return env
+
+
+def split_rank_output(output_path: str | os.PathLike[str], rank_logs: dict[int, str]) -> list[str]:
+    """Split a labelled (`R: text`) srun/sbatch output file into one log per rank. Idempotent
+    (rewrites the rank files); returns the files written."""
+    from tdist.launch.mpirun import parse_rank_line
+
+    try:
+        text = Path(output_path).read_text(errors="replace")
+    except OSError:
+        return []
+    per_rank: dict[int, list[str]] = {}
+    for line in text.splitlines():
+        rank, body = parse_rank_line(line, "srun")
+        if rank is not None and rank in rank_logs:
+            per_rank.setdefault(rank, []).append(body)
+    written = []
+    for rank, lines in per_rank.items():
+        path = Path(rank_logs[rank])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n")
+        written.append(str(path))
+    return written
+
+
+def head_node_url(nodes: list[str], scheme: str, port: int) -> str:
+    """`nats://<first node>:<port>`: where the batch script starts its embedded servers."""
+    if not nodes:
+        raise LaunchError("the job has no nodes yet")
+    return f"{scheme}://{nodes[0]}:{port}"
+
+
+async def wait_ready_in_discovery(
+    nats_url: str,
+    deployment: str,
+    discovery: object,
+    names: set[str],
+    *,
+    timeout_s: float,
+    check: "object | None" = None,
+    progress: "object | None" = None,
+) -> dict[str, dict]:
+    """Wait (bounded) until every worker in `names` is `ready` in discovery; returns the entries.
+
+    `check()` is called each round and may raise (e.g. the job ended) — that ends the wait.
+    Connecting retries until the deadline: the job's nats-server may still be starting.
+    """
+    import asyncio
+
+    from tdist.runtime.planes.request import RequestClient
+
+    deadline = time.monotonic() + timeout_s
+    client = None
+    last_error = ""
+    try:
+        while client is None:
+            if check is not None:
+                check()  # type: ignore[operator]
+            try:
+                client = await RequestClient.connect(nats_url, deployment, discovery=discovery)  # type: ignore[arg-type]
+            except Exception as e:  # noqa: BLE001 - not up yet
+                last_error = f"{type(e).__name__}: {e}"
+                if time.monotonic() > deadline:
+                    raise LaunchError(f"request plane {nats_url} unreachable within {timeout_s:g} s ({last_error})") from e
+                await asyncio.sleep(0.5)
+        entries: dict[str, dict] = {}
+        while True:
+            if check is not None:
+                check()  # type: ignore[operator]
+            try:
+                entries = await client.discovery.list()
+            except Exception as e:  # noqa: BLE001
+                last_error = f"{type(e).__name__}: {e}"
+                entries = {}
+            failed = [n for n in names if entries.get(n, {}).get("state") == "failed"]
+            if failed:
+                raise LaunchError(f"worker {failed[0]} failed to start: {entries[failed[0]].get('error')}")
+            ready = {n for n in names if entries.get(n, {}).get("state") == "ready"}
+            if progress is not None:
+                progress(len(ready), len(names), ", ".join(sorted(names - ready)))  # type: ignore[operator]
+            if ready == names:
+                return entries
+            if time.monotonic() > deadline:
+                raise LaunchError(f"not ready within {timeout_s:g} s: {', '.join(sorted(names - ready))}"
+                                  + (f" ({last_error})" if last_error else ""))
+            await asyncio.sleep(0.2)
+    finally:
+        if client is not None:
+            await client.close()

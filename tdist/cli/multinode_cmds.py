@@ -1,0 +1,303 @@
+"""`tdist deploy --launcher mpirun|srun|sbatch` and `tdist stop` of such a deployment.
+
+Called by tdist/cli/runtime_cmds.py (`deploy_world`, `stop_world`); the work is in
+tdist/launch/mpirun.py (world supervisor) and tdist/launch/slurm.py (sbatch, squeue, scancel).
+`--dry-run` prints exactly what `tdist plan GRAPH --launcher L --format script` prints for the
+same run directory: the mpirun/srun argv, or the complete sbatch script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from rich.console import Console
+
+from tdist.errors import LaunchError
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def plan_path_of(plan: Any) -> str:
+    return os.path.join(plan.run_dir, "plan.json")
+
+
+def render_command(plan: Any, *, nats_url: Optional[str] = None) -> str:
+    """The exact launch command (text) for the plan's launcher — what --dry-run prints."""
+    from tdist.plan import emit_mpirun, emit_sbatch, emit_srun
+
+    path = plan_path_of(plan)
+    if plan.launcher == "mpirun":
+        return shlex.join(emit_mpirun(plan, path)) + "\n"
+    if plan.launcher == "srun":
+        return shlex.join(emit_srun(plan, path)) + "\n"
+    if plan.launcher == "sbatch":
+        return emit_sbatch(plan, path, nats_url=nats_url)
+    raise LaunchError(f"launcher {plan.launcher!r} is not a world launcher")
+
+
+def _prepare_run_dir(plan: Any, *, launch: dict[str, Any]) -> Path:
+    from tdist.launch.rundir import live_runs, run_dir_for
+
+    if any(r.deployment == plan.deployment for r in live_runs()):
+        raise LaunchError(
+            f"deployment {plan.deployment!r} is already running; stop it first (tdist stop --name {plan.deployment}) or pass --name"
+        )
+    run_dir = Path(plan.run_dir) if plan.run_dir else run_dir_for(plan.deployment)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    (run_dir / "logs").mkdir(parents=True)
+    (run_dir / "plan.json").write_text(plan.model_dump_json(indent=2))
+    (run_dir / "launch.json").write_text(json.dumps(launch))
+    return run_dir
+
+
+def deploy_world(
+    plan: Any,
+    *,
+    graph: Path,
+    detach: bool,
+    dry_run: bool,
+    nats_url: Optional[str],
+    startup_timeout_s: float,
+) -> None:
+    """Deploy the plan as an mpirun/srun world (supervised) or an sbatch job."""
+    url = nats_url or (None if plan.request_plane == "embedded" else plan.request_plane)
+    if dry_run:
+        print(render_command(plan, nats_url=url), end="")
+        return
+    launch = {
+        "deployment": plan.deployment,
+        "launcher": plan.launcher,
+        "nats_url": url,
+        "startup_timeout_s": startup_timeout_s,
+        "restart": plan.restart_on_crash,
+        "graph": str(Path(graph).resolve()),
+    }
+    run_dir = _prepare_run_dir(plan, launch=launch)
+    if plan.launcher == "sbatch":
+        _deploy_sbatch(plan, run_dir, nats_url=url, startup_timeout_s=startup_timeout_s)
+    elif detach:
+        _deploy_world_detached(plan, run_dir, startup_timeout_s)
+    else:
+        _deploy_world_foreground(plan, run_dir)
+
+
+# ---- mpirun / srun ----------------------------------------------------------------------------
+
+
+def _deploy_world_detached(plan: Any, run_dir: Path, startup_timeout_s: float) -> None:
+    from tdist.launch.rundir import RunState
+
+    sup_log = run_dir / "logs" / "supervisor.log"
+    with open(sup_log, "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tdist.launch.mpirun", "--run-dir", str(run_dir)],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    total = len(plan.workers)
+    deadline = time.monotonic() + startup_timeout_s + 30
+    with err.status(f"starting {plan.deployment} ({plan.launcher}, {plan.world_size} ranks)") as status:
+        while True:
+            state = None
+            try:
+                state = RunState.load(run_dir / "state.json")
+            except (OSError, ValueError, TypeError):
+                pass
+            if state is not None and state.state == "ready":
+                break
+            if state is not None and state.state == "failed":
+                raise LaunchError(f"deployment {plan.deployment} failed to start: {state.error}",
+                                  log_path=str(run_dir / "logs"))
+            if proc.poll() is not None:
+                raise LaunchError(
+                    f"world supervisor exited with code {proc.returncode}" + (f": {state.error}" if state and state.error else ""),
+                    log_tail="\n".join(sup_log.read_text(errors="replace").splitlines()[-15:]), log_path=str(sup_log),
+                )
+            if time.monotonic() > deadline:
+                proc.terminate()
+                raise LaunchError(f"deployment {plan.deployment} not ready in time", log_path=str(run_dir / "logs"))
+            if state is not None:
+                status.update(f"starting {plan.deployment} ({plan.launcher}): waiting for {total} workers to be ready")
+            time.sleep(0.1)
+    _print_world(RunState.load(run_dir / "state.json"))
+    out.print(f"detached (supervisor pid {proc.pid}); run dir {run_dir}\n  tdist status · tdist infer --component NAME ... · tdist stop")
+
+
+def _deploy_world_foreground(plan: Any, run_dir: Path) -> None:
+    from tdist.launch.mpirun import make_world_supervisor
+
+    sup = make_world_supervisor(run_dir)
+    sup.state.supervisor_pid = os.getpid()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        with err.status(f"starting {plan.deployment} ({plan.launcher})") as status:
+            def progress(ready: int, total: int, waiting: str) -> None:
+                status.update(f"starting {plan.deployment}: {ready}/{total} workers ready" + (f" (waiting: {waiting})" if waiting else ""))
+
+            await sup.start(progress)
+        _print_world(sup.state)
+        out.print("serving; Ctrl-C (or `tdist stop`) stops everything")
+        await sup.supervise(stop)
+        with err.status("stopping: ending the world"):
+            await sup.stop()
+        out.print(f"stopped {plan.deployment}")
+
+    asyncio.run(main())
+
+
+def _print_world(state: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"deployment {state.deployment} ready ({state.launcher})", title_justify="left")
+    for col in ("component", "worker", "pid", "log"):
+        t.add_column(col)
+    for w in state.workers.values():
+        t.add_row(w.component, w.name, str(w.pid), w.log or "")
+    out.print(t)
+    out.print(f"request plane: {state.nats_url}" + (" (embedded)" if state.nats_embedded else ""))
+    if state.job_id:
+        out.print(f"{'job' if state.launcher != 'mpirun' else 'mpirun pid'}: {state.job_id}")
+
+
+# ---- sbatch -----------------------------------------------------------------------------------
+
+
+def _deploy_sbatch(plan: Any, run_dir: Path, *, nats_url: Optional[str], startup_timeout_s: float) -> None:
+    from tdist.launch import slurm
+    from tdist.launch.rundir import RunState, WorkerRecord
+    from tdist.plan import emit_sbatch
+    from tdist.runtime.config import DiscoveryConfig
+
+    path = plan_path_of(plan)
+    script = emit_sbatch(plan, path, nats_url=nats_url)
+    env = slurm.sbatch_env()
+    components: list[str] = []
+    operators: dict[str, list[str]] = {}
+    for w in plan.workers:
+        if w.component not in components:
+            components.append(w.component)
+        operators.setdefault(w.component, [o.name for o in w.operators])
+    state = RunState(
+        deployment=plan.deployment, run_dir=str(run_dir), launcher="sbatch", graph=None,
+        components=components, operators=operators, log_dir=str(run_dir / "logs"), discovery=plan.discovery,
+        workers={w.name: WorkerRecord(name=w.name, component=w.component, log=w.log_path) for w in plan.workers},
+    )
+    record = slurm.submit_sbatch(script, run_dir, env=env, ranks=plan.world_size)
+    state.job_id = record.job_id
+    state.extra.update({"slurm_output": plan.srun.output.replace("%j", str(record.job_id)),
+                        "slurm_conf": env.get("SLURM_CONF"), "world_size": plan.world_size})
+    state.save()
+    out.print(f"submitted batch job {record.job_id}")
+    try:
+        with err.status(f"job {record.job_id}: waiting to run"):
+            nodes = slurm.wait_job_running(record.job_id, env=env, timeout_s=startup_timeout_s,
+                                           log_path=state.extra["slurm_output"])
+        state.nats_url = nats_url or slurm.head_node_url(nodes, "nats", plan.srun.nats_port)
+        if plan.discovery == "etcd":
+            if plan.etcd_endpoints == "embedded":
+                state.etcd_endpoints = [slurm.head_node_url(nodes, "http", plan.srun.etcd_port)]
+            else:
+                state.etcd_endpoints = list(plan.etcd_endpoints or []) or [
+                    e for e in os.environ.get("ETCD_ENDPOINTS", "").split(",") if e]
+        state.extra["nodes"] = nodes
+        state.save()
+
+        def check() -> None:
+            if not slurm.job_active(record.job_id, env=env):
+                raise LaunchError(f"Slurm job {record.job_id} ended during start",
+                                  log_tail=_tail(state.extra["slurm_output"]), log_path=state.extra["slurm_output"])
+
+        disc = DiscoveryConfig(kind=plan.discovery, etcd_endpoints=state.etcd_endpoints)  # type: ignore[arg-type]
+        with err.status(f"job {record.job_id} on {', '.join(nodes)}: waiting for {len(plan.workers)} workers") as status:
+            def progress(ready: int, total: int, waiting: str) -> None:
+                status.update(f"job {record.job_id}: {ready}/{total} workers ready" + (f" (waiting: {waiting})" if waiting else ""))
+
+            entries = asyncio.run(slurm.wait_ready_in_discovery(
+                state.nats_url, plan.deployment, disc, set(state.workers), timeout_s=startup_timeout_s,
+                check=check, progress=progress))
+    except BaseException as exc:
+        state.state = "failed"
+        state.error = exc.render() if isinstance(exc, LaunchError) else f"{type(exc).__name__}: {exc}"
+        state.save()
+        try:
+            slurm.cancel_job(record.job_id, env=env, timeout_s=30)
+        except LaunchError:
+            pass
+        raise
+    for name, e in entries.items():
+        if name in state.workers and e.get("pid"):
+            state.workers[name].pid = int(e["pid"])
+            state.workers[name].state = "running"
+    state.state = "ready"
+    state.save()
+    _print_world(state)
+    out.print(f"run dir {run_dir}\n  tdist status · tdist infer --component NAME ... · tdist stop (scancel {record.job_id})")
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+# ---- stop -------------------------------------------------------------------------------------
+
+
+def stop_world(state: Any, *, timeout_s: float = 60.0) -> list[str]:
+    """End the world: TERM the world supervisor (it drains the ranks through mpirun/srun), or
+    scancel the job and wait until squeue no longer lists it. Returns what had to be forced."""
+    from tdist.launch.local import stop_run
+    from tdist.launch.mpirun import stop_pid
+
+    forced: list[str] = []
+    if state.launcher == "sbatch":
+        from tdist.launch import slurm
+        from tdist.launch.rundir import RunState
+
+        env = dict(os.environ)
+        if state.extra.get("slurm_conf") and not env.get("SLURM_CONF"):
+            env["SLURM_CONF"] = state.extra["slurm_conf"]
+        with err.status(f"stopping {state.deployment}: scancel {state.job_id}"):
+            if state.job_id and not slurm.cancel_job(str(state.job_id), env=env, timeout_s=timeout_s):
+                forced.append(f"job {state.job_id} still listed by squeue")
+        output = state.extra.get("slurm_output")
+        if output:
+            from tdist.plan.model import Plan
+
+            try:
+                plan = Plan.model_validate_json((Path(state.run_dir) / "plan.json").read_text())
+                slurm.split_rank_output(output, {i: w.log_path or str(Path(state.log_dir or ".") / f"{w.name}.log")
+                                                 for i, w in enumerate(plan.world_workers)})
+            except (OSError, ValueError):
+                pass
+        try:
+            fresh = RunState.load(state.path)
+        except (OSError, ValueError):
+            fresh = state
+        fresh.state = "stopped"
+        fresh.save()
+    else:
+        with err.status(f"stopping {state.deployment}: ending the {state.launcher} world"):
+            forced = stop_run(state, timeout_s=timeout_s)
+            world_pid = state.extra.get("world_pid")
+            if world_pid and not stop_pid(int(world_pid), timeout_s=10):
+                forced.append(f"{state.launcher} pid {world_pid}")
+    if forced:
+        err.print(f"forced: {', '.join(forced)}")
+    return forced
