@@ -173,7 +173,7 @@ class _FakeModel:
             "outputs": [{"name": "output", "datatype": "INT64", "shape": [-1]}],
         }
 
-    async def async_infer(self, inputs, output_names=None):
+    async def async_infer(self, inputs, timeout=0):
         yield types.SimpleNamespace(error=None, outputs={"output": np.invert(inputs["input"])})
 
 

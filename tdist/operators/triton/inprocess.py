@@ -91,10 +91,13 @@ class TritonInProcessEngine:
         model = self.models[name]
         result: dict[str, np.ndarray] = {}
         try:
-            async for response in model.async_infer(inputs=inputs, output_names=outputs or None):
+            timeout_us = int(max(timeout_s, 0.001) * 1e6) if timeout_s is not None else 0
+            async for response in model.async_infer(inputs=inputs, timeout=timeout_us):
                 if getattr(response, "error", None) is not None:
                     raise response.error
                 for key, tensor in (response.outputs or {}).items():
+                    if outputs and key not in outputs:
+                        continue
                     if str(getattr(tensor, "data_type", "")).endswith("BYTES"):
                         result[key] = tensor.to_bytes_array()
                     else:
