@@ -56,6 +56,7 @@ class TritonInProcessEngine:
             "model_repository": str(self.repository),
             "model_control_mode": ts.ModelControlMode.EXPLICIT,
             "log_file": str(self.log_path),
+            "log_info": True,
         }
         if self._backend_dir:
             kwargs["backend_directory"] = self._backend_dir
