@@ -85,3 +85,30 @@ def test_failed_start_shows_the_log_tail(cli_env: dict[str, str], tmp_path: Path
     assert res.returncode != 0
     assert "no_such_module_xyz" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_foreground_deploy_stops_everything_on_ctrl_c(cli_env: dict[str, str], tdist_home: Path) -> None:
+    import signal
+
+    graph = REPO / "graphs" / "hello_world_python.yaml"
+    proc = subprocess.Popen(TDIST + ["deploy", str(graph), "--name", "hw-fg"], env=cli_env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the supervisor says when it serves (bounded by the startup timeout)
+            if line.startswith("serving"):
+                break
+        else:
+            raise AssertionError("deploy ended before serving: " + (proc.stderr.read() if proc.stderr else ""))
+        inf = run(["infer", "-c", "encoder_decoder", "-i", "input=[7,8]"], cli_env)
+        assert "output: [7, 8]" in inf.stdout, inf.stderr
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    assert "stopped hw-fg" in rest
+    state = RunState.load(tdist_home / "runs" / "hw-fg" / "state.json")
+    assert state.state == "stopped"
+    assert not [p for p in [w.pid for w in state.workers.values()] + [state.nats_pid] if pid_alive(p)]

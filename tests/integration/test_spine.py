@@ -203,3 +203,33 @@ async def test_hello_world_pipeline(deploy) -> None:
         np.testing.assert_array_equal(r.outputs["output"], x)
     enc = await anext(d.client.infer("encoder", inputs={"input": np.array([1, 2])}))
     assert enc.outputs["output"].tolist() == np.invert(np.array([1, 2, 1, 2, 1, 2])).tolist()
+
+
+async def test_worker_serves_prometheus_metrics(deploy) -> None:
+    import urllib.request
+
+    dep = unique_name("metrics")
+    d = await deploy([worker_config(dep, "echo", [op("echo", "Echo"), op("fail", "Fail")])])
+    for _ in range(3):
+        await anext(d.client.infer("echo"))
+    with pytest.raises(OperatorError):
+        await anext(d.client.infer("fail"))
+    # discovery entries refresh on the heartbeat: watch for the one that counts them
+    kv = await d.client.js.key_value(bucket_name(dep))
+    watcher = await kv.watch("echo.0")
+
+    async def counted() -> dict:
+        async for item in watcher:
+            if item is not None and item.value:
+                e = json.loads(item.value)
+                if e["served"] == 3 and e["errors"] == 1:
+                    return e
+
+    entry = await asyncio.wait_for(counted(), 20)
+    await watcher.stop()
+    assert entry["metrics_port"]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{entry['metrics_port']}/metrics", timeout=5).read().decode()
+    assert 'tdist_requests_total{operator="echo",status="ok",worker="echo.0"} 3.0' in text
+    assert 'tdist_requests_total{operator="fail",status="error",worker="echo.0"} 1.0' in text
+    assert 'tdist_request_latency_seconds_count{operator="echo",worker="echo.0"} 3.0' in text
+    assert 'tdist_inflight_requests{operator="echo",worker="echo.0"} 0.0' in text
