@@ -8,7 +8,9 @@ The data plane (planes/data) replaces big tensors by references; this module is 
 
 from __future__ import annotations
 
+import math
 import struct
+import sys
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,8 @@ try:  # bfloat16 for numpy; optional but present with the base install
     _BF16 = np.dtype(ml_dtypes.bfloat16)
 except Exception:  # pragma: no cover - ml_dtypes missing
     _BF16 = None
+
+_LITTLE = sys.byteorder == "little"
 
 NUMERIC_DTYPES = (
     "bool",
@@ -38,8 +42,15 @@ NUMERIC_DTYPES = (
 )
 
 
+_NAME_OF: dict[np.dtype, str] = {np.dtype(n): n for n in NUMERIC_DTYPES}
+_DTYPE_OF: dict[str, np.dtype] = {n: np.dtype(n).newbyteorder("<") if np.dtype(n).itemsize > 1 else np.dtype(n) for n in NUMERIC_DTYPES}
+
+
 def dtype_name(dtype: np.dtype) -> str:
     """The wire name of a numpy dtype; raises BadRequest for dtypes that cannot travel."""
+    name = _NAME_OF.get(dtype)  # fast path: native numeric dtypes
+    if name is not None:
+        return name
     dtype = np.dtype(dtype)
     if _BF16 is not None and dtype == _BF16:
         return "bfloat16"
@@ -59,10 +70,10 @@ def numpy_dtype(name: str) -> np.dtype:
         return _BF16
     if name == "bytes":
         return np.dtype(object)
-    if name not in NUMERIC_DTYPES:
-        raise BadRequest(f"unknown tensor dtype {name!r}")
-    # Wire byte order is little-endian whatever the host.
-    return np.dtype(name).newbyteorder("<") if np.dtype(name).itemsize > 1 else np.dtype(name)
+    try:
+        return _DTYPE_OF[name]  # wire byte order is little-endian whatever the host
+    except KeyError:
+        raise BadRequest(f"unknown tensor dtype {name!r}") from None
 
 
 def _encode_bytes_elements(arr: np.ndarray) -> bytes:
@@ -127,11 +138,13 @@ def tensor_from_wire(wire: dict[str, Any]) -> np.ndarray:
         data = wire["data"]
     except (KeyError, TypeError, ValueError) as exc:
         raise BadRequest(f"malformed tensor: {exc}") from None
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)
     if name == "bytes":
         return _decode_bytes_elements(bytes(data), count).reshape(shape)
     dtype = numpy_dtype(name)
     if len(data) != count * dtype.itemsize:
         raise BadRequest(f"tensor data is {len(data)} bytes, expected {count * dtype.itemsize} for {name}{list(shape)}")
     arr = np.frombuffer(data, dtype=dtype).reshape(shape)
+    if _LITTLE or dtype.itemsize == 1:
+        return arr.copy()  # writable, owns its memory
     return arr.astype(arr.dtype.newbyteorder("="), copy=True)
