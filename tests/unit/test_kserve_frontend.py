@@ -199,6 +199,20 @@ async def test_grpc_infer_dtypes_and_shapes(frontend):
     assert frontend.core.client.calls[-1] == ("echo", {"k": "v", "n": 3})
 
 
+async def test_http_compressed_requests_and_responses(frontend):
+    def check():
+        arr = np.arange(100, dtype=np.int32)
+        for algo in ("gzip", "deflate"):
+            inp = httpclient.InferInput("x", [100], "INT32")
+            inp.set_data_from_numpy(arr)
+            res = http_client(frontend).infer(
+                "echo", [inp], request_compression_algorithm=algo, response_compression_algorithm=algo
+            )
+            assert res.as_numpy("x").tolist() == arr.tolist()
+
+    await asyncio.to_thread(check)
+
+
 async def test_kserve_timeout_parameter_becomes_the_deadline(frontend):
     def check():
         inp = httpclient.InferInput("x", [1], "INT32")

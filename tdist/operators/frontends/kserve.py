@@ -437,8 +437,12 @@ class KServeHTTP:
         except KServeError as exc:
             return self._error(exc)
         if header_len is None:
-            return self.web.Response(body=body, content_type="application/json")
-        return self.web.Response(body=body, headers={HEADER_LEN: str(header_len)}, content_type="application/octet-stream")
+            resp = self.web.Response(body=body, content_type="application/json")
+        else:
+            resp = self.web.Response(body=body, headers={HEADER_LEN: str(header_len)}, content_type="application/octet-stream")
+        if request.headers.get("Accept-Encoding"):
+            resp.enable_compression()  # gzip/deflate as the client asks (tritonclient's response_compression_algorithm)
+        return resp
 
     async def start(self, host: str, port: int) -> int:
         self.runner = self.web.AppRunner(self.app, access_log=None)
