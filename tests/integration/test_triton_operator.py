@@ -115,4 +115,52 @@ async def test_encoder_decoder_round_trip_with_overrides(tmp_path):
     finally:
         pid = enc.engine.proc.pid
         await enc.stop()
-    assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+    assert _gone(pid)
+
+
+CHILD = r"""
+import asyncio, logging, sys
+from tdist.operators.triton import TritonCoreOperator
+from tdist.runtime.config import OperatorConfig, WorkerConfig
+from tdist.runtime.operator import OperatorContext
+
+async def main():
+    oc = OperatorConfig(name="encoder", kind="triton", repository=sys.argv[1])
+    wc = WorkerConfig(name="w.0", component="w", deployment="t", operators=[oc], log_path=sys.argv[2])
+    op = TritonCoreOperator(OperatorContext(config=oc, worker=wc, logger=logging.getLogger("child")))
+    await op.start()
+    print(op.stats()["triton"]["pid"], flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+def test_triton_dies_with_a_killed_worker(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(REPO), str(tmp_path / "w.0.log")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        line = child.stdout.readline()  # the child prints Triton's pid once the model is loaded
+        triton_pid = int(line)
+        assert os.path.exists(f"/proc/{triton_pid}")
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while not _gone(triton_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(triton_pid), "tritonserver outlived its SIGKILLed worker"
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" in f.read().lower()
+    except OSError:
+        return True
