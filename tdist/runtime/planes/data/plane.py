@@ -233,7 +233,7 @@ class DataPlane:
         same_host = ref.host_id == host_id()
         if same_host and time.time() > ref.expires_at:
             raise DataPlaneError("tensor reference expired (its lease ran out before it was read)", detail={"id": ref.id[:6]})
-        if same_host and ref.shm is not None and not process_alive(ref.pid, ref.pid_start):
+        if same_host and ref.pid and not process_alive(ref.pid, ref.pid_start):
             segments.sweep_dead()
             raise DataPlaneError(f"the producer of this tensor (pid {ref.pid}) is gone", detail={"pid": ref.pid})
         prefer_ucx = self.config.kind == "ucx" and ref.ucx_address is not None
