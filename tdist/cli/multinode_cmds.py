@@ -274,7 +274,8 @@ def stop_world(state: Any, *, timeout_s: float = 60.0) -> list[str]:
         if state.extra.get("slurm_conf") and not env.get("SLURM_CONF"):
             env["SLURM_CONF"] = state.extra["slurm_conf"]
         with err.status(f"stopping {state.deployment}: scancel {state.job_id}"):
-            if state.job_id and not slurm.cancel_job(str(state.job_id), env=env, timeout_s=timeout_s):
+            if state.job_id and not slurm.cancel_job(str(state.job_id), env=env, timeout_s=timeout_s,
+                                                     drain_s=min(30.0, timeout_s)):
                 forced.append(f"job {state.job_id} still listed by squeue")
         output = state.extra.get("slurm_output")
         if output:

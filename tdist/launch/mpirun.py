@@ -566,7 +566,13 @@ def _world_supervisor_class() -> Any:
             if world is None or world.poll() is not None:
                 return
             if self.launcher != "mpirun":
-                _signal(world.pid, signal.SIGTERM)
+                # SIGTERM to srun cancels the step (SIGKILL soon after); `scancel --signal=TERM`
+                # on the step only delivers SIGTERM to its tasks, on every node.
+                from tdist.launch.slurm import find_step, signal_step
+
+                step = find_step(self.plan.srun.job_name, job_id=os.environ.get("SLURM_JOB_ID"))
+                if step is None or not signal_step(step, "TERM"):
+                    _signal(world.pid, signal.SIGTERM)
             elif signal.SIGUSR2 in _worker_drain_signals():
                 _signal(world.pid, signal.SIGUSR2)
             else:

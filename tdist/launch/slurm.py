@@ -109,6 +109,41 @@ def job_state(job_id: str, *, env: dict[str, str] | None = None) -> str | None:
     return lines[0] if lines else None
 
 
+def job_steps(job_id: str, *, env: dict[str, str] | None = None) -> list[int]:
+    """Numeric step ids of a running job, ascending (the batch step is left out)."""
+    res = _run([find_slurm_command("squeue"), "-h", "-s", "-j", str(job_id), "-o", "%i"], env=env)
+    steps = []
+    for line in res.stdout.split():
+        tail_ = line.rsplit(".", 1)[-1]
+        if tail_.isdigit():
+            steps.append(int(tail_))
+    return sorted(steps)
+
+
+def find_step(step_name: str, *, job_id: str | None = None, env: dict[str, str] | None = None) -> str | None:
+    """`<job>.<step>` of this user's running step named `step_name` (srun --job-name), newest first."""
+    argv = [find_slurm_command("squeue"), "-h", "-s", "-o", "%i|%j", "-u", str(os.getuid())]
+    if job_id:
+        argv += ["-j", str(job_id)]
+    res = _run(argv, env=env)
+    found = []
+    for line in res.stdout.splitlines():
+        sid, _, name = line.strip().partition("|")
+        job, _, step = sid.partition(".")
+        if name == step_name and job.isdigit() and step.isdigit():
+            found.append((int(job), int(step)))
+    if not found:
+        return None
+    job, step = max(found)
+    return f"{job}.{step}"
+
+
+def signal_step(step: str, sig: str = "TERM", *, env: dict[str, str] | None = None) -> bool:
+    """Deliver a signal to every task of a job step without cancelling it."""
+    res = _run([find_slurm_command("scancel"), f"--signal={sig}", step], env=env)
+    return res.returncode == 0
+
+
 def job_active(job_id: str | None, *, env: dict[str, str] | None = None) -> bool:
     return bool(job_id) and (job_state(str(job_id), env=env) or "") in ACTIVE_STATES
 
@@ -123,17 +158,41 @@ def job_nodes(job_id: str, *, env: dict[str, str] | None = None) -> list[str]:
     return [h for h in exp.stdout.split() if h] if exp.returncode == 0 else [nodelist]
 
 
-def cancel_job(job_id: str, *, env: dict[str, str] | None = None, timeout_s: float = 60.0) -> bool:
-    """scancel the job and wait (bounded) until squeue no longer lists it. True when it is gone."""
-    res = _run([find_slurm_command("scancel"), str(job_id)], env=env)
+def cancel_job(
+    job_id: str,
+    *,
+    env: dict[str, str] | None = None,
+    timeout_s: float = 60.0,
+    drain_s: float = 0.0,
+) -> bool:
+    """End the job and wait (bounded) until squeue no longer lists it. True when it is gone.
+
+    With `drain_s > 0`, first only SIGTERM the job's steps (`scancel --signal=TERM`): the workers
+    drain and exit 0, the world step ends, the batch script runs to its end. A plain scancel
+    would end the batch shell at once and Slurm would SIGKILL the steps still draining.
+    """
+    scancel = find_slurm_command("scancel")
+
+    def gone_within(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if job_state(job_id, env=env) is None:
+                return True
+            time.sleep(0.2)
+        return job_state(job_id, env=env) is None
+
+    if drain_s > 0 and job_state(job_id, env=env) is not None:
+        # The world step first (the batch script starts it last): its workers drain while NATS and
+        # the service workers still run; when it ends, the script ends and its trap stops the rest.
+        steps = job_steps(job_id, env=env)
+        target = f"{job_id}.{steps[-1]}" if steps else str(job_id)
+        _run([scancel, "--signal=TERM", target], env=env)
+        if gone_within(drain_s):
+            return True
+    res = _run([scancel, str(job_id)], env=env)
     if res.returncode != 0 and "Invalid job id" not in res.stderr and "already completing" not in res.stderr:
         raise LaunchError(f"scancel {job_id} failed (exit {res.returncode})", log_tail=res.stderr.strip())
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if job_state(job_id, env=env) is None:
-            return True
-        time.sleep(0.2)
-    return False
+    return gone_within(timeout_s)
 
 
 def wait_job_running(job_id: str, *, env: dict[str, str] | None = None, timeout_s: float = 120.0, log_path: str | None = None) -> list[str]:
