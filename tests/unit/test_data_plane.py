@@ -1,6 +1,6 @@
 """Data plane, in one process: references, UCX settings, inline and shared-memory paths,
 leases, pooled segments, sweeping, the in-memory plane. No ucxx needed (see
-tests/integration/test_data_plane.py for producer ≠ consumer processes over UCX and shm)."""
+tests/integration/test_data_plane_xproc.py for producer ≠ consumer processes over UCX and shm)."""
 
 from __future__ import annotations
 

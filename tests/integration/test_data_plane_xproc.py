@@ -3,7 +3,7 @@
 Real ucxx over TCP loopback (UCX_TLS=tcp,self, UCX_NET_DEVICES=lo) and real /dev/shm segments.
 Every dtype and shape (0-d, empty, small, non-contiguous, large), release, lease expiry,
 unknown references, and a producer killed mid-lease: always a typed DataPlaneError, never a hang.
-Run as a script, this file is the producer (`python test_data_plane.py producer CONFIG_JSON`).
+Run as a script, this file is the producer (`python test_data_plane_xproc.py producer CONFIG_JSON`).
 """
 
 from __future__ import annotations
