@@ -219,3 +219,50 @@ async def test_unreachable_etcd_is_a_clear_error() -> None:
     assert f"127.0.0.1:{port}" in str(ei.value)
     assert "ETCD_ENDPOINTS" in str(ei.value)
     await d.close()
+
+
+async def test_killed_real_worker_leaves_etcd_discovery(etcd: EtcdServer, nats_server, tmp_path) -> None:
+    """A real `python -m tdist.runtime.worker` with `discovery: etcd`: ready in etcd, SIGKILLed,
+    gone once its lease expires (nobody deregisters it)."""
+    from pathlib import Path
+
+    from tdist.runtime.config import OperatorConfig, RequestPlaneConfig, WorkerConfig
+
+    ops_dir = Path(__file__).resolve().parents[2] / "examples" / "hello_world" / "operators"
+    ttl_s = 2.0
+    cfg = WorkerConfig(
+        name="encoder.0",
+        component="encoder",
+        deployment="dep-real-worker",
+        operators=[OperatorConfig(name="encoder", implementation="hello_world_ops:EncoderOperator")],
+        request_plane=RequestPlaneConfig(url=nats_server.url, heartbeat_interval_s=0.5),
+        discovery=DiscoveryConfig(kind="etcd", etcd_endpoints=etcd.endpoints, ttl_s=ttl_s),
+        env={"PYTHONPATH": str(ops_dir)},
+    )
+    cfg_path = tmp_path / "worker.json"
+    cfg_path.write_text(cfg.to_json())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ops_dir), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "tdist.runtime.worker", "--config", str(cfg_path)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    d = EtcdDiscovery(etcd.endpoints, "dep-real-worker", ttl_s=ttl_s)
+    try:
+        async def ready():
+            e = (await d.list()).get("encoder.0")
+            return e if e and e.get("state") == "ready" else None
+
+        entry = await wait_until(ready, timeout_s=60)
+        assert entry["pid"] == proc.pid and entry["operators"] == ["encoder"]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+        async def gone():
+            return "encoder.0" not in await d.list()
+
+        start = time.monotonic()
+        await wait_until(gone, timeout_s=ttl_s + 5)
+        assert time.monotonic() - start <= ttl_s + 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        await d.close()
