@@ -373,3 +373,11 @@ async def test_in_memory_plane() -> None:
         await cons.decode(w3)
     await prod.close()
     await short.close()
+
+
+async def test_cpu_torch_tensors_arrive_as_numpy(planes) -> None:
+    torch = pytest.importorskip("torch")
+    prod, cons = await planes(), await planes()
+    t = torch.arange(1000, dtype=torch.float32).reshape(10, 100)
+    got = await cons.decode(await prod.encode(t))
+    assert isinstance(got, np.ndarray) and (got == t.numpy()).all()
