@@ -235,3 +235,34 @@ def _wait_ready(server: EtcdServer, timeout_s: float) -> None:
 def stop_etcd(server: EtcdServer) -> None:
     """Stop an embedded etcd started by `start_etcd` (same as `server.stop()`)."""
     server.stop()
+
+
+def ensure_etcd_for(
+    workers: list,
+    run_dir: str | os.PathLike[str],
+    *,
+    env: dict[str, str] | None = None,
+    host: str = "127.0.0.1",
+    advertise_host: str | None = None,
+) -> tuple[EtcdServer | None, list[str]]:
+    """Endpoints for a deployment's etcd discovery, starting an embedded etcd when needed.
+
+    `discovery: etcd` with `etcd_endpoints: embedded` reaches the WorkerConfigs as an empty
+    endpoint list; then, unless ETCD_ENDPOINTS is set, an etcd is started with its data and log in
+    `<run_dir>/etcd` (the caller stops it, and records `server.process.pid` for `tdist stop`).
+    Returns (server or None, endpoints); ([], None) when no worker uses etcd.
+    """
+    env = os.environ if env is None else env
+    etcd_workers = [w for w in workers if w.discovery.kind == "etcd"]
+    if not etcd_workers:
+        return None, []
+    for w in etcd_workers:
+        if w.discovery.etcd_endpoints:
+            return None, list(w.discovery.etcd_endpoints)
+    from_env = [e.strip() for e in env.get("ETCD_ENDPOINTS", "").split(",") if e.strip()]
+    if from_env:
+        return None, from_env
+    logs = Path(run_dir) / "logs"
+    server = start_etcd(data_dir=Path(run_dir) / "etcd", log_path=(logs / "etcd.log") if logs.is_dir() else None,
+                        host=host, advertise_host=advertise_host)
+    return server, server.endpoints

@@ -440,19 +440,12 @@ def _world_supervisor_class() -> Any:
                     self.state.nats_pid = self.nats.pid
                     self.state.nats_embedded = True
                 self.state.nats_url = self.nats_url
-                etcd_eps: list[str] = []
-                if plan.discovery == "etcd":
-                    if plan.etcd_endpoints == "embedded":
-                        from tdist.launch.etcd import start_etcd
+                from tdist.launch.etcd import ensure_etcd_for
 
-                        self.etcd = start_etcd(data_dir=str(self.run_dir / "etcd"), host=host, advertise_host=advertise)
-                        etcd_eps = self.etcd.endpoints
-                        self.state.etcd_pid = self.etcd.process.pid
-                    else:
-                        etcd_eps = list(plan.etcd_endpoints or []) or [
-                            e for e in os.environ.get("ETCD_ENDPOINTS", "").split(",") if e
-                        ]
+                self.etcd, etcd_eps = ensure_etcd_for(self.workers, self.run_dir, host=host, advertise_host=advertise)
+                if etcd_eps:
                     self.state.etcd_endpoints = etcd_eps
+                    self.state.etcd_pid = self.etcd.process.pid if self.etcd else None
                     os.environ["ETCD_ENDPOINTS"] = ",".join(etcd_eps)  # our own discovery client
                     self.extra_env["ETCD_ENDPOINTS"] = ",".join(etcd_eps)  # service workers
                 self.state.save()

@@ -266,3 +266,27 @@ async def test_killed_real_worker_leaves_etcd_discovery(etcd: EtcdServer, nats_s
             proc.kill()
             proc.wait()
         await d.close()
+
+
+def test_ensure_etcd_for_starts_one_only_when_embedded(tmp_path) -> None:
+    from tdist.launch.etcd import ensure_etcd_for
+    from tdist.runtime.config import OperatorConfig, WorkerConfig
+
+    def worker(discovery: DiscoveryConfig) -> WorkerConfig:
+        return WorkerConfig(name="w.0", component="w", deployment="d", discovery=discovery,
+                            operators=[OperatorConfig(name="op", implementation="m:C")])
+
+    assert ensure_etcd_for([worker(DiscoveryConfig())], tmp_path, env={}) == (None, [])
+    explicit = worker(DiscoveryConfig(kind="etcd", etcd_endpoints=["http://10.0.0.1:2379"]))
+    assert ensure_etcd_for([explicit], tmp_path, env={}) == (None, ["http://10.0.0.1:2379"])
+    embedded = worker(DiscoveryConfig(kind="etcd"))
+    assert ensure_etcd_for([embedded], tmp_path, env={"ETCD_ENDPOINTS": "http://a:1,http://b:2"}) == (
+        None, ["http://a:1", "http://b:2"])
+    (tmp_path / "logs").mkdir()
+    server, endpoints = ensure_etcd_for([embedded], tmp_path, env={})
+    try:
+        assert server is not None and server.alive() and endpoints == server.endpoints
+        assert (tmp_path / "logs" / "etcd.log").read_text().count("ready to serve client requests") >= 1
+    finally:
+        server.stop()
+    assert not server.alive()
