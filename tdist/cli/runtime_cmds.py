@@ -21,6 +21,9 @@ from tdist.errors import BadRequest, LaunchError, TdistError
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+#: A ready worker whose last heartbeat is older than this is shown as `stale` (default beat: 1 s).
+STALE_AFTER_S = 3.5
+
 
 # ---- deploy -----------------------------------------------------------------------------------
 
@@ -185,7 +188,18 @@ async def _client_for(name: Optional[str], nats_url: Optional[str]) -> Any:
     if not state.nats_url:
         raise LaunchError(f"deployment {state.deployment} has no NATS URL recorded yet (state: {state.state})")
     disc = DiscoveryConfig(kind=state.discovery, etcd_endpoints=state.etcd_endpoints)  # type: ignore[arg-type]
-    return await RequestClient.connect(state.nats_url, state.deployment, discovery=disc)
+    return await RequestClient.connect(state.nats_url, state.deployment, discovery=disc, data_plane=_plan_data_plane(state))
+
+
+def _plan_data_plane(state: Any) -> Any:
+    """The deployment's data-plane settings (from its plan.json), so the CLI sends tensors as workers expect."""
+    from tdist.runtime.config import DataPlaneConfig
+
+    try:
+        plan = json.loads((Path(state.run_dir) / "plan.json").read_text())
+        return DataPlaneConfig.model_validate(plan["data_plane"])
+    except (OSError, ValueError, KeyError):
+        return DataPlaneConfig()
 
 
 # ---- infer ------------------------------------------------------------------------------------
@@ -344,6 +358,8 @@ def status(
         components[comp] = {"operators": state.operators.get(comp, []), "workers": []}
     for wname, e in sorted(entries.items()):
         comp = e.get("component", "?")
+        if now - float(e.get("heartbeat_at", now)) > STALE_AFTER_S and e.get("state") == "ready":
+            e = {**e, "state": "stale"}  # no heartbeat lately: the worker is gone or hung
         components.setdefault(comp, {"operators": e.get("operators", []), "workers": []})
         rec = state.workers.get(wname)
         components[comp]["workers"].append({

@@ -112,3 +112,26 @@ def test_foreground_deploy_stops_everything_on_ctrl_c(cli_env: dict[str, str], t
     state = RunState.load(tdist_home / "runs" / "hw-fg" / "state.json")
     assert state.state == "stopped"
     assert not [p for p in [w.pid for w in state.workers.values()] + [state.nats_pid] if pid_alive(p)]
+
+
+def test_status_fails_when_a_component_has_no_ready_worker(cli_env: dict[str, str], tdist_home: Path) -> None:
+    import signal
+
+    graph = REPO / "graphs" / "hello_world_python.yaml"
+    dep = run(["deploy", str(graph), "--detach", "--name", "hw-dead", "--no-restart"], cli_env)
+    try:
+        assert dep.returncode == 0, dep.stderr
+        state = RunState.load(tdist_home / "runs" / "hw-dead" / "state.json")
+        os.kill(state.workers["decoder.0"].pid, signal.SIGKILL)
+        # each status call reads discovery afresh; the dead worker turns stale within a few heartbeats
+        for _ in range(60):
+            st = run(["status", "--json"], cli_env)
+            report = json.loads(st.stdout)
+            if "decoder" in report["unhealthy"]:
+                break
+        assert st.returncode == 1 and report["unhealthy"] == ["decoder"]
+        assert "encoder" not in report["unhealthy"]
+        table = run(["status"], cli_env)
+        assert table.returncode == 1 and "no ready worker: decoder" in table.stderr
+    finally:
+        run(["stop"], cli_env)
