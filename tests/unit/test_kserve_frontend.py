@@ -347,3 +347,14 @@ def test_http_binary_codec_round_trip():
     out = json.loads(body[:hl])
     assert [o["parameters"]["binary_data_size"] for o in out["outputs"]] == [24, len(raw_b), 8]
     assert tensor_from_raw("FP32", [2, 3], body[hl : hl + 24]).tolist() == a.tolist()
+
+
+async def test_busy_ports_are_a_clear_load_error(frontend):
+    from tdist.errors import OperatorLoadError
+
+    for params in ({"http_port": frontend.stats()["http_port"], "grpc_port": 0}, {"http_port": 0, "grpc_port": frontend.stats()["grpc_port"]}):
+        oc = OperatorConfig(name="kserve2", kind="frontend", parameters={"protocol": "kserve", **params})
+        wc = WorkerConfig(name="fe.1", component="fe", deployment="t", operators=[oc])
+        fe = KServeFrontend(OperatorContext(config=oc, worker=wc, logger=logging.getLogger("test.kserve"), client=FakeClient()))
+        with pytest.raises(OperatorLoadError, match="cannot listen on 127.0.0.1:.*0: a free one"):
+            await fe.start()

@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
-from tdist.errors import BadRequest, NoWorkerError, RequestError, RequestTimeout
+from tdist.errors import BadRequest, NoWorkerError, OperatorLoadError, RequestError, RequestTimeout
 from tdist.runtime.operator import Operator, OperatorContext, RemoteOperator, Request, current_client
 
 log = logging.getLogger("tdist.kserve")
@@ -605,7 +605,11 @@ class KServeGRPC:
         import grpc
         from tritonclient.grpc import service_pb2_grpc as pbg
 
-        opts = [("grpc.max_receive_message_length", 1 << 30), ("grpc.max_send_message_length", 1 << 30)]
+        opts = [
+            ("grpc.max_receive_message_length", 1 << 30),
+            ("grpc.max_send_message_length", 1 << 30),
+            ("grpc.so_reuseport", 0),  # a port in use is an error, not a second listener
+        ]
         self.server = grpc.aio.server(options=opts)
         pbg.add_GRPCInferenceServiceServicer_to_server(make_grpc_servicer(self.core), self.server)
         bound = self.server.add_insecure_port(f"{host}:{port}")
@@ -646,13 +650,26 @@ class KServeFrontend(Operator):
             raise RuntimeError("KServe frontend needs the worker's request client")
         self.core = KServeCore(client, known=self.known, timeout_s=self.timeout_s, exclude=[self.name])
         self.http = KServeHTTP(self.core)
-        self.bound["http"] = await self.http.start(self.host, self.http_port)
+        try:
+            self.bound["http"] = await self.http.start(self.host, self.http_port)
+        except OSError as exc:
+            await self.http.stop()
+            raise OperatorLoadError(
+                f"KServe frontend {self.name!r} cannot listen on {self.host}:{self.http_port} (HTTP): {exc.strerror or exc}; "
+                "pick another `port:` (0: a free one)"
+            ) from None
         if self.grpc_port is not None:
             self.grpc = KServeGRPC(self.core)
             try:
                 self.bound["grpc"] = await self.grpc.start(self.host, self.grpc_port)
-            except BaseException:
+            except BaseException as exc:
+                await self.grpc.stop()
                 await self.http.stop()
+                if isinstance(exc, (OSError, RuntimeError)):
+                    raise OperatorLoadError(
+                        f"KServe frontend {self.name!r} cannot listen on {self.host}:{self.grpc_port} (gRPC): {exc}; "
+                        "pick another `parameters.grpc_port` (0: a free one, null: no gRPC)"
+                    ) from None
                 raise
         self.logger.info(
             "KServe frontend listening: http=%s:%s grpc=%s",
