@@ -110,6 +110,7 @@ class DataPlane:
             if self._pool is not None:
                 self._pool.close()
             self._entries.clear()
+            segments.evict_unlinked()
 
     async def __aenter__(self) -> "DataPlane":
         await self.start()
@@ -353,6 +354,7 @@ class DataPlane:
                     self._drop(ref_id, "expired")
             else:
                 self._drop(ref_id, "expired")
+        segments.evict_unlinked()
         if self._pool is not None:
             self._pool.trim()
             if time.monotonic() - self._last_sweep > SWEEP_EVERY_S:
