@@ -69,10 +69,26 @@ async def recv_frame(r: asyncio.StreamReader) -> bytes:
 
 
 # ------------------------------------------------------------------ consumer process
-async def consumer_main(fd: int) -> None:
+async def consumer_main(fd: int, nats_url: str | None) -> None:
     sock = socket.socket(fileno=fd)
     r, w = await asyncio.open_connection(sock=sock, limit=1 << 20)
     planes: dict[str, Any] = {}
+    nc = None
+    if nats_url:
+        import nats
+
+        nc = await nats.connect(nats_url)
+
+        async def on_msg(msg: Any) -> None:
+            m = msgpack.unpackb(msg.data, raw=False)
+            arr = await planes[m["kind"]].decode(m["wire"])
+            if arr.size:
+                arr.reshape(-1)[-1]
+            del arr
+            await msg.respond(b"k")
+
+        await nc.subscribe("tdist.bench.dp", cb=on_msg)
+        await nc.flush()
     while True:
         msg = msgpack.unpackb(await recv_frame(r), raw=False)
         op = msg["op"]
@@ -91,6 +107,8 @@ async def consumer_main(fd: int) -> None:
             await send_frame(w, msgpack.packb(times))
         elif op == "exit":
             break
+    if nc is not None:
+        await nc.drain()
     for p in planes.values():
         await p.close()
 
@@ -116,13 +134,21 @@ async def raw_client(port: int, size: int, reps: int) -> list[float]:
 
 # ------------------------------------------------------------------ producer (this process)
 class Bench:
-    def __init__(self, budget_s: float, max_reps: int) -> None:
+    def __init__(self, budget_s: float, max_reps: int, nats_url: str | None) -> None:
         self.budget_s = budget_s
         self.max_reps = max_reps
+        self.nats_url = nats_url
+        self.nc: Any = None
 
     async def start(self) -> None:
         a, b = socket.socketpair()
-        self.proc = subprocess.Popen([sys.executable, __file__, "--consumer-fd", str(b.fileno())], pass_fds=[b.fileno()])
+        argv = [sys.executable, __file__, "--consumer-fd", str(b.fileno())]
+        if self.nats_url:
+            import nats
+
+            argv += ["--nats-url", self.nats_url]
+            self.nc = await nats.connect(self.nats_url)
+        self.proc = subprocess.Popen(argv, pass_fds=[b.fileno()])
         b.close()
         self.r, self.w = await asyncio.open_connection(sock=a, limit=1 << 20)
         self.planes = {}
@@ -140,11 +166,17 @@ class Bench:
 
     async def path(self, kind: str, arr: np.ndarray) -> list[float]:
         plane = self.planes[kind]
+        if self.nc is not None and kind == "inline" and arr.nbytes > self.nc.max_payload - 1024:
+            return []  # does not fit in one NATS message
 
         async def once() -> float:
             t0 = time.perf_counter()
             wire = await plane.encode(arr)
-            await self.ask({"op": "wire", "kind": kind, "wire": wire})
+            if self.nc is not None:
+                msg = msgpack.packb({"kind": kind, "wire": wire}, use_bin_type=True)
+                await self.nc.request("tdist.bench.dp", msg, timeout=300)
+            else:
+                await self.ask({"op": "wire", "kind": kind, "wire": wire})
             return time.perf_counter() - t0
 
         first = await once()  # warm-up: connects, pools segments
@@ -191,10 +223,12 @@ class Bench:
                 self.proc.wait(10)
             for p in self.planes.values():
                 await p.close()
+            if self.nc is not None:
+                await self.nc.close()
 
 
-async def run(sizes: list[int], budget_s: float, max_reps: int) -> list[dict[str, Any]]:
-    bench = Bench(budget_s, max_reps)
+async def run(sizes: list[int], budget_s: float, max_reps: int, nats_url: str | None = None) -> list[dict[str, Any]]:
+    bench = Bench(budget_s, max_reps, nats_url)
     await bench.start()
     rows = []
     try:
@@ -208,10 +242,13 @@ async def run(sizes: list[int], budget_s: float, max_reps: int) -> list[dict[str
                     times = await bench.raw(arr)
                 else:
                     times = await bench.path(name, arr)
+                if not times:
+                    row[name] = None
+                    continue
                 med = statistics.median(times)
                 row[name] = {"median_s": med, "gbps": size / med / 1e9, "reps": len(times)}
             rows.append(row)
-            print(" | ".join([fmt_size(size)] + [f"{k} {v['gbps']:.2f} GB/s" for k, v in row.items() if k != "bytes"]), file=sys.stderr, flush=True)
+            print(" | ".join([fmt_size(size)] + [f"{k} {v['gbps']:.2f} GB/s" for k, v in row.items() if k != "bytes" and v]), file=sys.stderr, flush=True)
     finally:
         await bench.close()
     return rows
@@ -222,10 +259,29 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     head = "| size | " + " | ".join(f"{c} GB/s" for c in cols) + " | inline p50 | shm p50 | UCX p50 |"
     lines = [head, "|" + "---|" * (len(cols) + 4)]
     for row in rows:
-        cells = [f"{row[c]['gbps']:.2f}" for c in cols]
-        lat = [f"{row[c]['median_s'] * 1e3:.2f} ms" for c in ("inline", "shm", "ucx")]
+        cells = [f"{row[c]['gbps']:.2f}" if row[c] else "—" for c in cols]
+        lat = [f"{row[c]['median_s'] * 1e3:.2f} ms" if row[c] else "—" for c in ("inline", "shm", "ucx")]
         lines.append(f"| {fmt_size(row['bytes'])} | " + " | ".join(cells + lat) + " |")
     return "\n".join(lines)
+
+
+def start_nats() -> tuple[subprocess.Popen, str]:
+    """A throwaway nats-server on a free port (waits for its readiness line)."""
+    import shutil
+
+    exe = shutil.which("nats-server") or os.path.join(os.path.dirname(sys.executable), "nats-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([exe, "-a", "127.0.0.1", "-p", str(port)], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    for line in proc.stderr:
+        if "Server is ready" in line:
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("nats-server did not start")
+    return proc, f"nats://127.0.0.1:{port}"
 
 
 def main() -> None:
@@ -234,15 +290,25 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=0.5, help="time per cell after warm-up (reps ≥ 3)")
     ap.add_argument("--max-reps", type=int, default=100)
     ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--via-nats", action="store_true",
+                    help="carry the messages through a real nats-server (started here) instead of a Unix socket")
     ap.add_argument("--consumer-fd", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--nats-url", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.consumer_fd is not None:
-        asyncio.run(consumer_main(args.consumer_fd))
+        asyncio.run(consumer_main(args.consumer_fd, args.nats_url))
         return
     sizes = [parse_size(s) for s in args.sizes.split(",")]
-    rows = asyncio.run(run(sizes, args.budget_s, args.max_reps))
+    server = start_nats() if args.via_nats else None
+    try:
+        rows = asyncio.run(run(sizes, args.budget_s, args.max_reps, server[1] if server else None))
+    finally:
+        if server:
+            server[0].terminate()
+            server[0].wait(10)
+    via = "NATS (nats-server, default 1 MB max payload)" if server else "a Unix socket"
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"numpy {np.__version__}; UCX env {UCX_ENV}\n")
+          f"numpy {np.__version__}; messages via {via}; UCX env {UCX_ENV}\n")
     print(markdown(rows))
     if args.json:
         with open(args.json, "w") as f:
