@@ -24,8 +24,15 @@ TIMEOUT_S=${TDIST_SLURM_UP_TIMEOUT_S:-60}
 
 log() { echo "cluster.sh: $*" >&2; }
 
+alive() {  # alive PID: a live process (a zombie waiting for its reaper is not)
+  kill -0 "$1" 2>/dev/null || return 1
+  local st
+  st=$(sed -e 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+  [ -n "$st" ] && [ "$st" != Z ]
+}
+
 pid_alive() {  # pid_alive FILE: the pid in FILE is a live process
-  [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+  [ -s "$1" ] && alive "$(cat "$1")"
 }
 
 node_state() {
@@ -55,10 +62,10 @@ stop_pidfile() {  # stop_pidfile FILE NAME: TERM, wait up to 10 s, then KILL
   local f=$1 name=$2 pid i
   [ -s "$f" ] || return 0
   pid=$(cat "$f")
-  if kill -0 "$pid" 2>/dev/null; then
+  if alive "$pid"; then
     kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then log "$name ($pid) did not stop: KILL"; kill -KILL "$pid" 2>/dev/null || true; fi
+    for i in $(seq 200); do alive "$pid" || break; sleep 0.05; done
+    if alive "$pid"; then log "$name ($pid) did not stop: KILL"; kill -KILL "$pid" 2>/dev/null || true; fi
   fi
   rm -f "$f"
 }
