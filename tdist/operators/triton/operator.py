@@ -65,7 +65,7 @@ def _log_path(worker: WorkerConfig, workdir: Path) -> Path:
     if worker.log_path:
         p = Path(worker.log_path)
         return p.parent / f"{p.stem}.triton.log"
-    return Path(tempfile.gettempdir()) / f"tdist-{worker.name}-{os.getpid()}.triton.log"
+    return workdir / "triton.log"  # no worker log: keep it with the temp workdir (removed on stop)
 
 
 def _workdir(worker: WorkerConfig) -> Path:
