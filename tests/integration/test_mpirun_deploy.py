@@ -145,3 +145,38 @@ def test_rank_that_cannot_start_fails_deploy_with_its_log(env: dict[str, str], t
     assert state.state == "failed"
     pids = [p for p in (state.extra.get("world_pid"), state.nats_pid, state.supervisor_pid) if p]
     assert wait_dead([int(p) for p in pids]) == []
+
+
+def test_service_worker_beside_the_world_serves_kserve(env: dict[str, str], tmp_path: Path) -> None:
+    """A frontend (a service worker: not a rank) runs beside NATS and reaches the world's ranks."""
+    pytest.importorskip("aiohttp")
+    import socket
+    import urllib.request
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    data = yaml.safe_load(GRAPH.read_text())
+    ops = data["operators"] + [{"name": "kserve", "kind": "frontend", "protocol": "kserve", "targets": ["encoder_decoder"],
+                                "host": "127.0.0.1", "port": port, "parameters": {"grpc_port": None}}]
+    workers = data["workers"] + [{"name": "kserve", "operators": ["kserve"]}]
+    graph = make_graph(tmp_path, "hw-mpi-svc", operators=ops, workers=workers)
+    dry = tdist(["deploy", str(graph), "--launcher", "mpirun", "--dry-run"], env)
+    assert "-np 3 " in dry.stdout  # the frontend is not a rank
+    dep = tdist(["deploy", str(graph), "--launcher", "mpirun", "--detach"], env)
+    try:
+        assert dep.returncode == 0, dep.stdout + dep.stderr
+        body = json.dumps({"inputs": [{"name": "input", "shape": [3], "datatype": "INT64", "data": [4, 5, 6]}]}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/encoder_decoder/infer", data=body, method="POST")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            answer = json.loads(resp.read())
+        assert answer["outputs"][0]["data"] == [4, 5, 6]
+        st = json.loads(tdist(["status", "--json"], env).stdout)
+        ranks = {w["name"]: w["rank"] for c in st["components"].values() for w in c["workers"]}
+        assert ranks == {"encoder.0": 0, "decoder.0": 1, "encoder_decoder.0": 2, "kserve.0": None}
+        svc_pid = RunState.load(Path(env["TDIST_HOME"]) / "runs" / "hw-mpi-svc" / "state.json").workers["kserve.0"].pid
+    finally:
+        stop = tdist(["stop"], env, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    assert wait_dead([svc_pid]) == []
