@@ -108,3 +108,59 @@ def test_each_rank_finds_its_worker_config(tmp_path: Path, monkeypatch: pytest.M
         assert row["gpu_ids"] == [row["local_rank"]]  # GPUs by local rank
         assert row["role"] == ("context" if row["rank"] < 4 else "generation")
     _check("trtllm_disagg.ranks.json", json.dumps(under_mpirun, indent=2) + "\n")
+
+
+# ---- pure helpers of the launchers (no mpirun, no Slurm needed) --------------------------------
+
+
+def test_parse_rank_line() -> None:
+    from tdist.launch.mpirun import parse_rank_line
+
+    assert parse_rank_line("[1,2]<stdout>:tdist worker ready: x\n", "mpirun") == (2, "tdist worker ready: x\n")
+    assert parse_rank_line("[1,10]<stderr>:boom", "mpirun") == (10, "boom")
+    assert parse_rank_line("mpirun noticed that ...", "mpirun") == (None, "mpirun noticed that ...")
+    assert parse_rank_line("3: hello", "srun") == (3, "hello")
+    assert parse_rank_line("srun: error: vm: task 0: Killed", "srun")[0] is None
+
+
+def test_rank_log_demux_splits_tagged_output(tmp_path: Path) -> None:
+    import io
+
+    from tdist.launch.mpirun import RankLogDemux
+
+    stream = io.BytesIO(b"[1,0]<stdout>:a\n[1,1]<stderr>:b\nuntagged\n[1,0]<stderr>:c\n")
+    logs = {0: str(tmp_path / "w0.log"), 1: str(tmp_path / "w1.log")}
+    demux = RankLogDemux(stream, "mpirun", tmp_path / "mpirun.log", logs).start()
+    demux.join()
+    assert (tmp_path / "w0.log").read_text() == "a\nc\n"
+    assert (tmp_path / "w1.log").read_text() == "b\n"
+    assert "untagged" in (tmp_path / "mpirun.log").read_text()
+
+
+def test_world_env_forwards_planes_and_tags_output() -> None:
+    import sys as _sys
+
+    from tdist.launch.mpirun import world_env
+
+    env = world_env("mpirun", base={"PATH": "/usr/bin"}, nats_url="nats://h:1", etcd_endpoints=["http://h:2"])
+    assert env["NATS_SERVER"] == "nats://h:1" and env["ETCD_ENDPOINTS"] == "http://h:2"
+    assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(_sys.executable)  # `python` in the argv
+    assert env["OMPI_MCA_orte_tag_output"] == "1" and env["OMPI_ALLOW_RUN_AS_ROOT"] == "1"
+    srun = world_env("srun", base={"PATH": "/usr/bin"})
+    assert srun["SLURM_LABELIO"] == "1" and "OMPI_MCA_orte_tag_output" not in srun
+
+
+def test_sbatch_job_id_and_output_split(tmp_path: Path) -> None:
+    from tdist.errors import LaunchError
+    from tdist.launch.slurm import parse_job_id, split_rank_output
+
+    assert parse_job_id("42\n") == "42"
+    assert parse_job_id("42;cluster\n") == "42"
+    assert parse_job_id("Submitted batch job 7\n") == "7"
+    with pytest.raises(LaunchError):
+        parse_job_id("sbatch: error: invalid partition")
+    out = tmp_path / "slurm-1.out"
+    out.write_text("0: x\n1: y\nsrun: error: something\n0: z\n")
+    written = split_rank_output(out, {0: str(tmp_path / "a.log"), 1: str(tmp_path / "b.log")})
+    assert sorted(written) == sorted([str(tmp_path / "a.log"), str(tmp_path / "b.log")])
+    assert (tmp_path / "a.log").read_text() == "x\nz\n"
