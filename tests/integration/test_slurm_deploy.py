@@ -70,11 +70,14 @@ def tdist(args: list[str], env: dict[str, str], timeout: float = 180) -> subproc
     return subprocess.run(TDIST + args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
-def make_graph(tmp_path: Path, name: str) -> Path:
+def make_graph(tmp_path: Path, name: str, discovery: str = "nats") -> Path:
     data = yaml.safe_load(GRAPH.read_text())
     data["name"] = name
     data["python_path"] = [str((GRAPH.parent / p).resolve()) for p in data.get("python_path", [])]
-    data.setdefault("launch", {})["srun"] = {"nats_port": free_port()}  # the batch script's nats-server
+    # The batch script's embedded nats-server (and etcd) listen on these ports of the batch host.
+    data.setdefault("launch", {})["srun"] = {"nats_port": free_port(), "etcd_port": free_port()}
+    if discovery == "etcd":
+        data["discovery"] = {"kind": "etcd", "etcd_endpoints": "embedded", "ttl_s": 3}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -120,8 +123,11 @@ def test_sbatch_dry_run_prints_the_plan_script(env: dict[str, str], tmp_path: Pa
     assert not squeue(env)
 
 
-def test_hello_world_submitted_with_sbatch(env: dict[str, str], tmp_path: Path) -> None:
-    graph = make_graph(tmp_path, "hw-sbatch")
+@pytest.mark.parametrize("discovery", ["nats", "etcd"])
+def test_hello_world_submitted_with_sbatch(env: dict[str, str], tmp_path: Path, discovery: str) -> None:
+    if discovery == "etcd":
+        pytest.importorskip("aetcd")
+    graph = make_graph(tmp_path, "hw-sbatch", discovery)
     run_dir = Path(env["TDIST_HOME"]) / "runs" / "hw-sbatch"
     dep = tdist(["deploy", str(graph), "--launcher", "sbatch"], env)
     state_file = run_dir / "state.json"
@@ -129,6 +135,9 @@ def test_hello_world_submitted_with_sbatch(env: dict[str, str], tmp_path: Path) 
         assert dep.returncode == 0, dep.stdout + dep.stderr
         state = RunState.load(state_file)
         assert state.launcher == "sbatch" and state.state == "ready" and state.job_id
+        assert state.discovery == discovery
+        if discovery == "etcd":  # the batch script's etcd on the batch host
+            assert state.etcd_endpoints and state.etcd_endpoints[0].startswith("http://")
         assert f"submitted batch job {state.job_id}" in dep.stdout
         assert squeue(env) == [state.job_id]
         assert (run_dir / "job.sbatch").read_text().startswith("#!/bin/bash")
