@@ -21,7 +21,7 @@ from hypothesis.extra import numpy as hnp
 from tdist.errors import DataPlaneError, RequestError
 from tdist.runtime.config import DataPlaneConfig
 from tdist.runtime.planes.data import InMemoryDataPlane, Ref, host_id, is_ref, make_data_plane
-from tdist.runtime.planes.data import segments
+from tdist.runtime.planes.data import segments, views
 from tdist.runtime.planes.data.refs import process_alive, process_start, ucx_uri
 from tdist.runtime.planes.data.ucx import FRAME, _frame, _unframe, ucx_environment
 from tdist.runtime.tensors import tensor_to_wire
@@ -320,7 +320,7 @@ async def test_many_in_flight(planes) -> None:
 
 
 def test_sweep_removes_dead_producers_segments(tmp_path) -> None:
-    ns = segments._pidns()
+    ns = segments.pidns()
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait(10)
     dead = tmp_path / f"tdist-dp-{ns}-{proc.pid}-1-abc"
@@ -328,7 +328,7 @@ def test_sweep_removes_dead_producers_segments(tmp_path) -> None:
     other_ns = tmp_path / f"tdist-dp-1-{proc.pid}-1-abc"
     for f in (dead, live, other_ns):
         f.write_bytes(b"x")
-    assert segments.sweep_dead(str(tmp_path)) == [dead.name]
+    assert views.sweep_dead(str(tmp_path)) == [dead.name]
     assert live.exists() and other_ns.exists()
 
 

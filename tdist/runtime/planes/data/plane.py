@@ -28,7 +28,7 @@ from tdist.errors import DataPlaneError
 from tdist.runtime.config import DataPlaneConfig
 from tdist.runtime.tensors import as_array, dtype_name, numpy_dtype, tensor_from_wire, tensor_to_wire
 
-from . import cuda, segments
+from . import cuda, segments, views
 from .refs import Ref, host_id, is_ref, process_alive, self_identity, ucx_uri
 from .ucx import Served, UcxClient, UcxServer, _Runtime, ucx_available, ucx_environment
 
@@ -65,6 +65,7 @@ class DataPlane:
         self._closed = False
         self._last_sweep = 0.0
         self._holds_ucx = False
+        self._ucx_broken = False
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -76,7 +77,7 @@ class DataPlane:
         self._started = True
         if self.config.kind in ("auto", "shm") and segments.shm_available():
             self._pool = segments.SegmentPool()
-            segments.sweep_dead()
+            views.sweep_dead()
             self._last_sweep = time.monotonic()
         elif self.config.kind == "shm":
             raise DataPlaneError(f"data_plane: shm needs a writable {segments.SHM_DIR}")
@@ -110,7 +111,7 @@ class DataPlane:
             if self._pool is not None:
                 self._pool.close()
             self._entries.clear()
-            segments.evict_unlinked()
+            views.evict_unlinked()
 
     async def __aenter__(self) -> "DataPlane":
         await self.start()
@@ -169,10 +170,23 @@ class DataPlane:
         entry = await self._store(src, name, tuple(int(s) for s in arr.shape), nbytes, "cpu")
         return entry.ref.to_wire()
 
+    async def _maybe_server(self) -> UcxServer | None:
+        """kind=ucx: the listener (errors are errors). auto: the listener when ucxx works, else
+        None (same-host shm only, said once in the log)."""
+        if self.config.kind == "ucx":
+            return await self._ensure_server()
+        if self.config.kind != "auto" or self._ucx_broken or not ucx_available():
+            return None
+        try:
+            return await self._ensure_server()
+        except DataPlaneError as exc:
+            self._ucx_broken = True
+            log.warning("data plane: UCX unavailable (%s); references are same-host only", exc)
+            return None
+
     async def _store(self, src: np.ndarray | bytes, dtype: str, shape: tuple[int, ...], nbytes: int, memory: str) -> _Entry:
         kind = self.config.kind
-        want_ucx = kind == "ucx" or (kind == "auto" and ucx_available())
-        server = await self._ensure_server() if want_ucx else None
+        server = await self._maybe_server()
         seg = None
         if kind in ("auto", "shm") and self._pool is not None:
             seg = self._pool.allocate(nbytes)
@@ -213,7 +227,7 @@ class DataPlane:
         t = cuda.snapshot(value)
         dtype, shape, nbytes = cuda.describe(t)
         kind = self.config.kind
-        server = await self._ensure_server() if kind == "ucx" or (kind == "auto" and ucx_available()) else None
+        server = await self._maybe_server()
         seg, handle = None, None
         if kind in ("auto", "shm") and self._pool is not None:
             seg = self._pool.allocate(0)  # a header-only segment: the IPC handle's lease
@@ -235,13 +249,13 @@ class DataPlane:
         if same_host and time.time() > ref.expires_at:
             raise DataPlaneError("tensor reference expired (its lease ran out before it was read)", detail={"id": ref.id[:6]})
         if same_host and ref.pid and not process_alive(ref.pid, ref.pid_start):
-            segments.sweep_dead()
+            views.sweep_dead()
             raise DataPlaneError(f"the producer of this tensor (pid {ref.pid}) is gone", detail={"pid": ref.pid})
         prefer_ucx = self.config.kind == "ucx" and ref.ucx_address is not None
         if ref.memory == "cuda" and same_host and ref.cuda_ipc is not None and cuda.can_open_ipc() and not prefer_ucx:
             return await self._decode_cuda_ipc(ref)
         if same_host and ref.shm is not None and ref.memory == "cpu" and not prefer_ucx:
-            payload = await segments.take(ref.shm, ref.shm_token or b"", ref.nbytes)
+            payload = await views.take(ref.shm, ref.shm_token or b"", ref.nbytes)
             return _build(payload, ref)
         addr = ref.ucx_address
         if addr is None:
@@ -256,9 +270,13 @@ class DataPlane:
         return cuda.to_device(arr) if ref.memory == "cuda" and cuda.device_available() else arr
 
     async def _decode_cuda_ipc(self, ref: Ref) -> Any:
-        view = await segments.take(ref.shm or "", ref.shm_token or b"", 0)  # claims the lease
-        del view
-        return cuda.open_ipc(ref.cuda_ipc or b"", ref.dtype, ref.shape)
+        lease = await views.take(ref.shm or "", ref.shm_token or b"", 0, lease_only=True)
+        try:  # the producer keeps its tensor while we hold the lease: open and clone first
+            return cuda.open_ipc(ref.cuda_ipc or b"", ref.dtype, ref.shape)
+        except Exception as exc:
+            raise DataPlaneError(f"opening the CUDA IPC handle failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            del lease
 
     # -- release --------------------------------------------------------------------------
     async def release(self, wire: dict[str, Any]) -> None:
@@ -271,7 +289,7 @@ class DataPlane:
             self._release_local(ref.id)
             return
         if ref.host_id == host_id() and ref.shm is not None:
-            segments.release_unclaimed(ref.shm, ref.shm_token or b"")
+            views.release_unclaimed(ref.shm, ref.shm_token or b"")
             return
         addr = ref.ucx_address
         if addr is not None and not self._closed:
@@ -307,7 +325,7 @@ class DataPlane:
             raise DataPlaneError("tensor reference is being read by another consumer")
         if entry.seg is not None and entry.gpu is None:
             seg = entry.seg
-            if self._pool is None or self._pool.status(seg) != segments.FILLED or not segments._try_lock(seg.fd):
+            if self._pool is None or self._pool.status(seg) != segments.FILLED or not segments.try_lock(seg.fd):
                 self._drop(ref_id, "released")
                 raise DataPlaneError("tensor reference released (taken through shared memory)")
             seg.busy = True
@@ -322,7 +340,7 @@ class DataPlane:
             entry.busy = False
             if entry.seg is not None and entry.gpu is None:
                 entry.seg.busy = False
-                segments._unlock(entry.seg.fd)
+                segments.unlock(entry.seg.fd)
             if acked:
                 self._release_local(ref_id)
 
@@ -354,12 +372,12 @@ class DataPlane:
                     self._drop(ref_id, "expired")
             else:
                 self._drop(ref_id, "expired")
-        segments.evict_unlinked()
+        views.evict_unlinked()
         if self._pool is not None:
             self._pool.trim()
             if time.monotonic() - self._last_sweep > SWEEP_EVERY_S:
                 self._last_sweep = time.monotonic()
-                segments.sweep_dead()
+                views.sweep_dead()
 
     # -- introspection (tests, metrics) ---------------------------------------------------
     @property

@@ -17,26 +17,24 @@ A consumer keeps LOCK_EX for as long as its view lives, so the producer's reaper
 reclaims what it can lock) never recycles memory under a live array, and a consumer that
 crashes drops its lock with its file descriptors. File names carry the producer's pid
 namespace, pid and start time, so any plane on the host can sweep a dead producer's files.
+This module is the producer's side; views.py is the consumer's.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import mmap
 import os
 import secrets
 import struct
-import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from tdist.errors import DataPlaneError
 
-from .refs import SHM_DIR, SHM_PREFIX, process_alive, self_identity
+from .refs import SHM_DIR, SHM_PREFIX, self_identity
 
 MAGIC = b"TDISTDP1"
 HEADER = 64
@@ -45,7 +43,7 @@ _STATE = struct.Struct("<16sQQ")  # token, state, nbytes at offset 8
 MIN_CAPACITY = 1 << 20
 
 
-def _pidns() -> str:
+def pidns() -> str:
     try:
         return os.readlink("/proc/self/ns/pid").split("[", 1)[1].rstrip("]")
     except (OSError, IndexError):
@@ -60,7 +58,7 @@ def shm_available() -> bool:
     return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
 
 
-def _try_lock(fd: int) -> bool:
+def try_lock(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
@@ -68,7 +66,7 @@ def _try_lock(fd: int) -> bool:
         return False
 
 
-def _unlock(fd: int) -> None:
+def unlock(fd: int) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_UN)
     except OSError:
@@ -125,7 +123,7 @@ class SegmentPool:
         self._free: list[Segment] = []
         self._lent: set[Segment] = set()
         self._pid, start = self_identity()
-        self._prefix = f"{SHM_PREFIX}{_pidns()}-{self._pid}-{start or 0}-"
+        self._prefix = f"{SHM_PREFIX}{pidns()}-{self._pid}-{start or 0}-"
         self._closed = False
 
     # -- producer: store ------------------------------------------------------------------
@@ -154,7 +152,7 @@ class SegmentPool:
         # Prefer warm pages (no faults), then the smallest that fits.
         seg = min(fits, key=lambda s: (s.touched < nbytes, s.capacity))
         self._free.remove(seg)
-        if not _try_lock(seg.fd):  # a stale consumer is peeking at it: leave it
+        if not try_lock(seg.fd):  # a stale consumer is peeking at it: leave it
             self._free.append(seg)
             return None
         return seg
@@ -199,13 +197,13 @@ class SegmentPool:
     def publish(self, seg: Segment) -> None:
         write_state(seg.fd, seg.token, FILLED, seg.nbytes)
         seg.busy = False
-        _unlock(seg.fd)
+        unlock(seg.fd)
 
     def give_back(self, seg: Segment) -> None:
         """A failed store: the segment goes back to the pool (still locked by us)."""
         write_state(seg.fd, b"\0" * 16, FREE, 0)
         seg.busy = False
-        _unlock(seg.fd)
+        unlock(seg.fd)
         self._lent.discard(seg)
         seg.lent = False
         self._free.append(seg)
@@ -216,20 +214,20 @@ class SegmentPool:
         token, state, _ = read_state(seg.fd)
         if token != seg.token:
             return RELEASED
-        if state == TAKEN and _try_lock(seg.fd):  # taken, but its consumer is gone
-            _unlock(seg.fd)
+        if state == TAKEN and try_lock(seg.fd):  # taken, but its consumer is gone
+            unlock(seg.fd)
             return RELEASED
         return state
 
     def try_reclaim(self, seg: Segment) -> bool:
         """Take a lent segment back (lease over). False while a consumer holds it: a live
         consumer's view always holds the lock, so a lockable segment is nobody's."""
-        if seg.busy or not _try_lock(seg.fd):
+        if seg.busy or not try_lock(seg.fd):
             return False
         try:
             write_state(seg.fd, b"\0" * 16, FREE, 0)
         finally:
-            _unlock(seg.fd)
+            unlock(seg.fd)
         self._recycle(seg)
         return True
 
@@ -292,200 +290,3 @@ def _unlink(name: str) -> None:
         pass
     except OSError:
         pass
-
-
-# -- consumer -------------------------------------------------------------------------------
-@dataclass(eq=False)
-class _Mapped:
-    """A consumer's cached mapping of a producer's segment. Segments are pooled and reused, so
-    keeping the mapping (page tables included) makes the next tensor in it cost no faults."""
-
-    name: str
-    fd: int
-    mm: mmap.mmap
-    size: int
-    held: bool = False  # a live view of ours owns the segment (and its lock)
-    doomed: bool = False  # unlinked or evicted while held: close when the view goes
-    last_used: float = 0.0
-
-
-MAX_MAPPINGS = 128
-_MAPS: dict[str, _Mapped] = {}
-_MAPS_LOCK = threading.Lock()
-
-
-def _gone(name: str) -> DataPlaneError:
-    return DataPlaneError(
-        "tensor reference is unknown, released or expired (its shared-memory segment is gone)", detail={"shm": name}
-    )
-
-
-def _close_mapping(m: _Mapped) -> None:
-    """Forget a mapping; its pages go when the last view over them does."""
-    with _MAPS_LOCK:
-        if _MAPS.get(m.name) is m:
-            del _MAPS[m.name]
-    if m.held:
-        m.doomed = True
-        return
-    if m.fd >= 0:
-        try:
-            os.close(m.fd)
-        except OSError:
-            pass
-        m.fd = -1
-
-
-def _mapping(name: str) -> _Mapped:
-    with _MAPS_LOCK:
-        m = _MAPS.get(name)
-    if m is not None:
-        return m
-    try:
-        fd = os.open(shm_path(name), os.O_RDWR)
-    except FileNotFoundError:
-        raise _gone(name) from None
-    try:
-        size = os.fstat(fd).st_size
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    except BaseException:
-        os.close(fd)
-        raise
-    m = _Mapped(name=name, fd=fd, mm=mm, size=size)
-    with _MAPS_LOCK:
-        existing = _MAPS.setdefault(name, m)
-        crowded = len(_MAPS) > MAX_MAPPINGS
-    if existing is not m:
-        os.close(fd)
-        return existing
-    if crowded:
-        with _MAPS_LOCK:
-            idle = sorted((x for x in _MAPS.values() if not x.held and x is not m), key=lambda x: x.last_used)
-        for x in idle[: max(1, len(idle) // 4)]:
-            _close_mapping(x)
-    return m
-
-
-def evict_unlinked() -> int:
-    """Drop cached mappings of segments their producer unlinked (pool trim, close, sweep), so
-    their memory can go. The plane's reaper calls this every pass."""
-    with _MAPS_LOCK:
-        maps = list(_MAPS.values())
-    dropped = 0
-    for m in maps:
-        try:
-            unlinked = os.fstat(m.fd).st_nlink == 0
-        except OSError:
-            unlinked = True
-        if unlinked:
-            _close_mapping(m)
-            dropped += 1
-    return dropped
-
-
-def _release_view(m: _Mapped, token: bytes) -> None:
-    try:
-        got, state, nbytes = read_state(m.fd)
-        if got == token and state == TAKEN:
-            write_state(m.fd, token, RELEASED, nbytes)
-    except OSError:
-        pass
-    finally:
-        _unlock(m.fd)
-        m.held = False
-        if m.doomed:
-            m.doomed = False
-            _close_mapping(m)
-
-
-async def take(name: str, token: bytes, nbytes: int, *, timeout_s: float = 5.0) -> np.ndarray:
-    """Own a FILLED segment: a zero-copy uint8 view of its payload. The segment goes back to
-    its producer when the view (and every array made from it) is garbage collected."""
-    import asyncio
-
-    m = _mapping(name)
-    try:
-        if os.fstat(m.fd).st_nlink == 0:
-            raise OSError("unlinked")
-    except OSError:
-        _close_mapping(m)
-        raise _gone(name) from None
-    if m.held:  # our own live view owns it: never touch its lock
-        got, state, _ = read_state(m.fd)
-        why = "was already read by another consumer" if got == token and state == TAKEN else "is released or expired"
-        raise DataPlaneError(f"tensor reference {why}", detail={"shm": name})
-    deadline = time.monotonic() + timeout_s
-    while True:
-        locked = _try_lock(m.fd)
-        try:
-            got, state, size = read_state(m.fd)
-            if got != token or state not in (FILLED, TAKEN):
-                raise DataPlaneError("tensor reference is released or expired", detail={"shm": name})
-            if state == TAKEN:
-                raise DataPlaneError("tensor reference was already read by another consumer", detail={"shm": name})
-            if size != nbytes or HEADER + nbytes > m.size:
-                raise DataPlaneError(f"shared-memory segment holds {size} bytes, the reference says {nbytes}")
-        except BaseException:
-            if locked:
-                _unlock(m.fd)
-            raise
-        if locked:
-            break
-        if time.monotonic() > deadline:  # FILLED but locked: its producer is serving it over UCX
-            raise DataPlaneError("shared-memory segment stayed locked", detail={"shm": name})
-        await asyncio.sleep(0.001)
-    write_state(m.fd, token, TAKEN, nbytes)
-    m.held = True
-    m.last_used = time.monotonic()
-    if nbytes == 0:
-        _release_view(m, token)
-        return np.empty(0, dtype=np.uint8)
-    view = np.frombuffer(m.mm, dtype=np.uint8, count=nbytes, offset=HEADER)
-    weakref.finalize(view, _release_view, m, token)
-    return view
-
-
-def release_unclaimed(name: str, token: bytes) -> bool:
-    """Release a FILLED segment without reading it (a consumer that does not need the tensor)."""
-    try:
-        fd = os.open(shm_path(name), os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        if not _try_lock(fd):
-            return False
-        got, state, nbytes = read_state(fd)
-        if got == token and state == FILLED:
-            write_state(fd, token, RELEASED, nbytes)
-            return True
-        return False
-    finally:
-        _unlock(fd)
-        os.close(fd)
-
-
-def sweep_dead(directory: str = SHM_DIR) -> list[str]:
-    """Unlink segments whose producer (same pid namespace) is dead. Cheap: one listdir."""
-    ns = _pidns()
-    removed = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    prefix = f"{SHM_PREFIX}{ns}-"
-    for name in names:
-        if not name.startswith(prefix):
-            continue
-        try:
-            pid_s, start_s, _ = name[len(prefix):].split("-", 2)
-            pid, start = int(pid_s), int(start_s)
-        except ValueError:
-            continue
-        if not process_alive(pid, start or None):
-            try:
-                os.unlink(os.path.join(directory, name))
-                removed.append(name)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    continue
-    return removed
