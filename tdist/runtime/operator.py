@@ -103,6 +103,8 @@ class OperatorContext:
     worker: WorkerConfig
     logger: logging.Logger
     client: "RequestClient | None" = None
+    #: The worker's Prometheus registry (served on its metrics port): operators add their metrics here.
+    metrics_registry: Any = None
 
     @property
     def name(self) -> str:

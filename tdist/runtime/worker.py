@@ -137,7 +137,7 @@ class Worker:
                 cls = load_operator_class(oc)
                 logger = logging.getLogger(f"tdist.op.{oc.name}")
                 logger.setLevel(oc.log_level.upper())
-                ctx = OperatorContext(config=oc, worker=c, logger=logger, client=self.client)
+                ctx = OperatorContext(config=oc, worker=c, logger=logger, client=self.client, metrics_registry=self.metrics.registry)
                 try:
                     op = cls(ctx)
                     await op.start()

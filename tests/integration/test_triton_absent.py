@@ -17,7 +17,7 @@ from tests.conftest import REPO
 def test_deploy_without_triton_names_the_install(tdist_home: Path) -> None:
     env = dict(os.environ, TDIST_HOME=str(tdist_home), COLUMNS="200", TDIST_TRITONSERVER="/nonexistent/tritonserver")
     env.pop("NATS_SERVER", None)
-    graph = REPO / "graphs" / "hello_world_triton.yaml"
+    graph = REPO / "graphs" / "hello_world.yaml"
     try:
         dep = subprocess.run(
             [sys.executable, "-m", "tdist", "deploy", str(graph), "--detach", "--name", "hwt-absent"],

@@ -1,4 +1,4 @@
-"""`tdist deploy graphs/hello_world_triton.yaml` → `tdist infer` → `status` → `stop`, through the CLI.
+"""`tdist deploy graphs/hello_world.yaml` → `tdist infer` → `status` → `stop`, through the CLI.
 
 The graph is copied as is, except the KServe frontend's fixed ports (8000/8001) become 0 and
 relative paths become absolute (the copy lives in a temp dir). Checks: encoder and decoder run as
@@ -33,7 +33,7 @@ except Exception as exc:  # pragma: no cover - depends on the machine
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_missing is not None, reason=f"Triton unavailable: {_missing}")]
 
 TDIST = [sys.executable, "-m", "tdist"]
-GRAPH = REPO / "graphs" / "hello_world_triton.yaml"
+GRAPH = REPO / "graphs" / "hello_world.yaml"
 
 
 def run(args: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -50,7 +50,7 @@ def graph_copy(tmp_path: Path) -> Path:
         if op["kind"] == "frontend":
             op["port"] = 0
             op.setdefault("parameters", {})["grpc_port"] = 0
-    out = tmp_path / "hello_world_triton.yaml"
+    out = tmp_path / "hello_world.yaml"
     out.write_text(yaml.safe_dump(spec, sort_keys=False))
     return out
 

@@ -38,13 +38,27 @@ def test_graph_validates_and_plans(path: Path, tmp_path: Path):
 
 
 def test_hello_world_matches_the_seed():
+    """The seed's hello world: Triton encoder/decoder models with instance groups and
+    delay / input_copies parameters, a python encoder_decoder chaining them (+ a KServe frontend)."""
     spec = load_graph(ROOT / "graphs" / "hello_world.yaml")
+    ops = {o.name: o for o in spec.operators}
+    assert set(ops) == {"encoder", "decoder", "encoder_decoder", "kserve"}
+    assert ops["encoder"].kind == ops["decoder"].kind == "triton"
+    enc = ops["encoder"].triton_config
+    assert [(g.count, g.kind) for g in enc.instance_group] == [(2, "KIND_CPU")]
+    assert set(enc.parameters) == {"input_copies", "delay"}
+    assert ops["encoder_decoder"].implementation == "hello_world_ops:EncodeDecodeOperator"
+    assert [(w.name, w.replicas) for w in spec.workers][:3] == [("encoder", 1), ("decoder", 1), ("encoder_decoder", 1)]
+    assert spec.python_path == ["../examples/hello_world/operators"]
+
+
+def test_hello_world_python_is_the_pure_python_copy():
+    spec = load_graph(ROOT / "graphs" / "hello_world_python.yaml")
     ops = {o.name: o for o in spec.operators}
     assert set(ops) == {"encoder", "decoder", "encoder_decoder"}
     assert ops["encoder"].implementation == "hello_world_ops:EncoderOperator"
     assert ops["encoder"].parameters == {"delay": 0, "input_copies": 1}
     assert [(w.name, w.replicas) for w in spec.workers] == [("encoder", 1), ("decoder", 1), ("encoder_decoder", 1)]
-    assert spec.python_path == ["../examples/hello_world/operators"]
 
 
 def test_llm_disagg_layout():

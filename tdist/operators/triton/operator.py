@@ -134,24 +134,10 @@ async def _start_engine(worker: WorkerConfig, mode: str, logger: logging.Logger)
 
 
 def worker_registry(context: OperatorContext) -> Any:
-    """The Prometheus registry the worker serves on its metrics port.
-
-    `context.metrics_registry` when the worker passes it; until then, the process's WorkerMetrics
-    for this worker (found once, at start); else prometheus_client's default registry.
-    """
-    registry = getattr(context, "metrics_registry", None)
-    if registry is not None:
-        return registry
-    try:
-        import gc
-
-        from tdist.runtime.metrics import WorkerMetrics
-
-        for obj in gc.get_objects():
-            if isinstance(obj, WorkerMetrics) and obj.worker == context.worker.name:
-                return obj.registry
-    except Exception:  # pragma: no cover - runtime layout changed
-        pass
+    """The Prometheus registry the worker serves on its metrics port (prometheus_client's default
+    registry when the operator runs outside a worker, e.g. in a unit test)."""
+    if context.metrics_registry is not None:
+        return context.metrics_registry
     from prometheus_client import REGISTRY
 
     return REGISTRY
