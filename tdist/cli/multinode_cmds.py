@@ -197,15 +197,15 @@ def _deploy_sbatch(plan: Any, run_dir: Path, *, nats_url: Optional[str], startup
         components=components, operators=operators, log_dir=str(run_dir / "logs"), discovery=plan.discovery,
         workers={w.name: WorkerRecord(name=w.name, component=w.component, log=w.log_path) for w in plan.workers},
     )
-    record = slurm.submit_sbatch(script, run_dir, env=env, ranks=plan.world_size)
-    state.job_id = record.job_id
-    state.extra.update({"slurm_output": plan.srun.output.replace("%j", str(record.job_id)),
+    job_id = slurm.submit_sbatch(script, run_dir, env=env)
+    state.job_id = job_id
+    state.extra.update({"slurm_output": plan.srun.output.replace("%j", job_id),
                         "slurm_conf": env.get("SLURM_CONF"), "world_size": plan.world_size})
     state.save()
-    out.print(f"submitted batch job {record.job_id}")
+    out.print(f"submitted batch job {job_id}")
     try:
-        with err.status(f"job {record.job_id}: waiting to run"):
-            nodes = slurm.wait_job_running(record.job_id, env=env, timeout_s=startup_timeout_s,
+        with err.status(f"job {job_id}: waiting to run"):
+            nodes = slurm.wait_job_running(job_id, env=env, timeout_s=startup_timeout_s,
                                            log_path=state.extra["slurm_output"])
         state.nats_url = nats_url or slurm.head_node_url(nodes, "nats", plan.srun.nats_port)
         if plan.discovery == "etcd":
@@ -218,14 +218,14 @@ def _deploy_sbatch(plan: Any, run_dir: Path, *, nats_url: Optional[str], startup
         state.save()
 
         def check() -> None:
-            if not slurm.job_active(record.job_id, env=env):
-                raise LaunchError(f"Slurm job {record.job_id} ended during start",
+            if not slurm.job_active(job_id, env=env):
+                raise LaunchError(f"Slurm job {job_id} ended during start",
                                   log_tail=_tail(state.extra["slurm_output"]), log_path=state.extra["slurm_output"])
 
         disc = DiscoveryConfig(kind=plan.discovery, etcd_endpoints=state.etcd_endpoints)  # type: ignore[arg-type]
-        with err.status(f"job {record.job_id} on {', '.join(nodes)}: waiting for {len(plan.workers)} workers") as status:
+        with err.status(f"job {job_id} on {', '.join(nodes)}: waiting for {len(plan.workers)} workers") as status:
             def progress(ready: int, total: int, waiting: str) -> None:
-                status.update(f"job {record.job_id}: {ready}/{total} workers ready" + (f" (waiting: {waiting})" if waiting else ""))
+                status.update(f"job {job_id}: {ready}/{total} workers ready" + (f" (waiting: {waiting})" if waiting else ""))
 
             entries = asyncio.run(slurm.wait_ready_in_discovery(
                 state.nats_url, plan.deployment, disc, set(state.workers), timeout_s=startup_timeout_s,
@@ -235,7 +235,7 @@ def _deploy_sbatch(plan: Any, run_dir: Path, *, nats_url: Optional[str], startup
         state.error = exc.render() if isinstance(exc, LaunchError) else f"{type(exc).__name__}: {exc}"
         state.save()
         try:
-            slurm.cancel_job(record.job_id, env=env, timeout_s=30)
+            slurm.cancel_job(job_id, env=env, timeout_s=30)
         except LaunchError:
             pass
         raise
@@ -246,7 +246,7 @@ def _deploy_sbatch(plan: Any, run_dir: Path, *, nats_url: Optional[str], startup
     state.state = "ready"
     state.save()
     _print_world(state)
-    out.print(f"run dir {run_dir}\n  tdist status · tdist infer --component NAME ... · tdist stop (scancel {record.job_id})")
+    out.print(f"run dir {run_dir}\n  tdist status · tdist infer --component NAME ... · tdist stop (scancel {job_id})")
 
 
 def _tail(path: str, lines: int = 20) -> str:

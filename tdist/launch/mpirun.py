@@ -1,33 +1,51 @@
-"""`--launcher mpirun`: the plan's world as ONE mpirun job.
+"""`--launcher mpirun` (and the srun step): the plan's world as ONE mpirun/srun process, supervised.
 
-Each rank runs `python -m tdist.runtime.worker --plan plan.json` and picks `workers[rank]` from
-OMPI_COMM_WORLD_RANK (GPUs by local rank); the request-plane URL and etcd endpoints reach every
-rank through `-x` (the argv comes from `tdist.plan.emit_mpirun`, so `--dry-run` and
-`tdist plan --launcher mpirun` print exactly what runs here).
+`python -m tdist.launch.mpirun --run-dir DIR` is the (detached) supervisor of a world deployment,
+the counterpart of `tdist.launch.supervisor` for local ones: same run directory (plan.json,
+launch.json in; state.json, logs/ out), same life cycle. It starts the embedded nats-server (and
+etcd for `discovery: etcd` with embedded endpoints), the service workers (routers, frontends) as
+local processes beside them, and the world as one process whose argv is exactly
+`emit_mpirun`/`emit_srun` of the plan — so `--dry-run` and `tdist plan` show what runs. Each rank
+runs `python -m tdist.runtime.worker --plan plan.json` and picks `workers[rank]` from
+OMPI_COMM_WORLD_RANK / SLURM_PROCID; NATS_SERVER and ETCD_ENDPOINTS reach it through `-x` /
+`--export`. Deploy returns when every worker is ready in discovery; a world that ends on its own
+fails the deployment (an MPI world does not restart single ranks).
 
-Why one detached mpirun process: `tdist deploy` returns once every rank is ready in discovery,
-while the world keeps running; `tdist stop` (another process) finds mpirun's pid in the run
-directory's `world.json` and sends it SIGTERM — mpirun forwards it to every rank on every node
-(each rank is in its own process group, so signalling mpirun is the one handle on all of them).
-Per-rank logs: mpirun's `--output-filename <run>/logs/ranks` writes `1/rank.N/{stdout,stderr}`;
-`collect_rank_logs` flattens them to `<run>/logs/rank-N.log`.
+Per-rank logs without touching the argv: Open MPI tags each output line with its rank when
+OMPI_MCA_orte_tag_output=1 (`[1,R]<stdout>:`), srun when SLURM_LABELIO=1 (`R: `); the supervisor
+reads the world's output and writes rank R's lines to that worker's log_path
+(`<run>/logs/<worker>.log`), and every line to `<run>/logs/<launcher>.log`.
+
+Stop: ranks drain first (see `WorldSupervisor._drain_world`), then the world process, the service
+workers, NATS and etcd.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tdist.errors import LaunchError
+from tdist.launch.local import LocalSupervisor, _Proc, tail_file
+from tdist.launch.nats import start_nats
+from tdist.launch.rundir import WorkerRecord
 
-WORLD_FILE = "world.json"
+log = logging.getLogger("tdist.launch.world")
+
+_OMPI_TAG = re.compile(r"^\[\d+,(\d+)\]<(?:stdout|stderr)>:(.*)$", re.S)
+_SRUN_TAG = re.compile(r"^\s*(\d+): (.*)$", re.S)
 
 
 def find_mpirun() -> str:
@@ -47,44 +65,6 @@ def mpirun_base_env(env: dict[str, str] | None = None) -> dict[str, str]:
         out.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         out.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     return out
-
-
-# ---------------------------------------------------------------- the record of a running world
-
-
-@dataclass
-class WorldRecord:
-    """What `status`/`stop` need to find a world started by mpirun, srun or sbatch.
-
-    Stored as `<run dir>/world.json`. `pid` is the launcher process (mpirun/srun) on this host;
-    `job_id` the Slurm job (sbatch, or the allocation srun ran in).
-    """
-
-    launcher: str
-    argv: list[str]
-    run_dir: str
-    log_path: str
-    pid: int | None = None
-    job_id: str | None = None
-    host: str = field(default_factory=lambda: os.uname().nodename)
-    started_at: float = field(default_factory=time.time)
-    ranks: int = 0
-    slurm_conf: str | None = None
-
-    def save(self) -> Path:
-        path = Path(self.run_dir) / WORLD_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(path)
-        return path
-
-    @classmethod
-    def load(cls, run_dir: str | os.PathLike[str]) -> "WorldRecord | None":
-        path = Path(run_dir) / WORLD_FILE
-        if not path.exists():
-            return None
-        data: dict[str, Any] = json.loads(path.read_text())
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -111,63 +91,12 @@ def tail(path: str | os.PathLike[str], lines: int = 20) -> str:
         return ""
 
 
-# ---------------------------------------------------------------- start / stop
-
-
-def start_world_process(
-    argv: list[str],
-    run_dir: str | os.PathLike[str],
-    *,
-    launcher: str,
-    env: dict[str, str],
-    log_name: str | None = None,
-    ranks: int = 0,
-) -> tuple[subprocess.Popen, WorldRecord]:
-    """Start mpirun/srun detached (own session, output to `<run>/logs/<launcher>.log`), record it.
-
-    The process outlives `tdist deploy`; nothing is read from its pipes.
-    """
-    run = Path(run_dir)
-    (run / "logs").mkdir(parents=True, exist_ok=True)
-    log_path = run / "logs" / (log_name or f"{launcher}.log")
-    with open(log_path, "ab") as logf:
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=str(run),
-                start_new_session=True,
-            )
-        except OSError as e:
-            raise LaunchError(f"cannot start {argv[0]}: {e}", log_path=str(log_path)) from e
-    record = WorldRecord(
-        launcher=launcher,
-        argv=list(argv),
-        run_dir=str(run),
-        log_path=str(log_path),
-        pid=proc.pid,
-        ranks=ranks,
-        slurm_conf=env.get("SLURM_CONF"),
-    )
-    record.save()
-    return proc, record
-
-
 def stop_pid(pid: int | None, *, timeout_s: float = 30.0, sig: int = signal.SIGTERM) -> bool:
-    """Signal `pid` (mpirun/srun forward it to every rank), wait, SIGKILL its group after timeout_s.
-
-    Returns True if the process is gone.
-    """
+    """Signal `pid`, wait, SIGKILL it (and its group) after timeout_s. True if it is gone."""
     if not pid_alive(pid):
         return True
     assert pid is not None
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        return True
+    _signal(pid, sig)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         _reap(pid)
@@ -194,110 +123,13 @@ def _reap(pid: int) -> None:
         pass
 
 
-def stop_rank_pids(entries: dict[str, dict[str, Any]], *, timeout_s: float = 10.0) -> list[int]:
-    """Fallback after the launcher is gone: TERM then KILL ranks on THIS host still in discovery.
-
-    Returns the pids that were still alive (and were signalled).
-    """
-    me = os.uname().nodename
-    pids = [
-        int(e["pid"]) for e in entries.values()
-        if e.get("pid") and str(e.get("host", "")).split(".")[0] == me.split(".")[0] and pid_alive(int(e["pid"]))
-    ]
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout_s
-    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    for pid in pids:
-        if pid_alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    return pids
-
-
-# ---------------------------------------------------------------- logs
-
-
-def collect_rank_logs(run_dir: str | os.PathLike[str], ranks_dir: str = "logs/ranks") -> list[Path]:
-    """Flatten Open MPI's `--output-filename` tree (`<dir>/1/rank.N/{stdout,stderr}`) into
-    `<run>/logs/rank-N.log` (stdout then stderr). Idempotent; returns the files written."""
-    run = Path(run_dir)
-    base = run / ranks_dir
-    written: list[Path] = []
-    if not base.is_dir():
-        return written
-    for rank_dir in sorted(base.glob("*/rank.*"), key=lambda p: (p.parent.name, _rank_of(p))):
-        rank = _rank_of(rank_dir)
-        if rank < 0:
-            continue
-        parts = []
-        for stream in ("stdout", "stderr"):
-            f = rank_dir / stream
-            if f.exists():
-                parts.append(f.read_text(errors="replace"))
-        out = run / "logs" / f"rank-{rank}.log"
-        out.write_text("".join(parts))
-        written.append(out)
-    return written
-
-
-def _rank_of(path: Path) -> int:
-    try:
-        return int(path.name.split(".", 1)[1])
-    except (IndexError, ValueError):
-        return -1
-
-
-def rank_log_tail(run_dir: str | os.PathLike[str], rank: int, lines: int = 20) -> str:
-    """Last lines of one rank's output (mpirun tree or srun's rank-N.log)."""
-    run = Path(run_dir)
-    candidates = sorted(run.glob(f"logs/ranks/*/rank.{rank}/stderr")) + sorted(run.glob(f"logs/ranks/*/rank.{rank}/stdout"))
-    candidates.append(run / "logs" / f"rank-{rank}.log")
-    return "\n".join(t for t in (tail(c, lines) for c in candidates) if t)
-
-
-# ---------------------------------------------------------------- the world supervisor
-#
-# `python -m tdist.launch.mpirun --run-dir DIR` is the detached supervisor of a world deployment
-# (launchers mpirun and srun), the counterpart of `tdist.launch.supervisor` for local ones: same
-# run directory (plan.json, launch.json in; state.json, logs/ out), same life cycle. It starts the
-# embedded nats-server (and etcd when `discovery: etcd` with embedded endpoints), the service
-# workers (routers, frontends) as local processes, and the world as ONE mpirun/srun process
-# whose argv is exactly `emit_mpirun`/`emit_srun` of the plan. It waits until every rank is
-# ready in discovery, then watches: a world that ends on its own fails the deployment (an MPI
-# world does not restart single ranks). Stop: SIGTERM the world (ranks drain), then the service
-# workers, NATS and etcd.
-#
-# Per-rank logs without touching the argv: Open MPI tags each output line with its rank when
-# OMPI_MCA_orte_tag_output=1 (`[1,R]<stdout>:`), srun when SLURM_LABELIO=1 (`R: `); the
-# supervisor reads the world's output and writes rank R's lines to that worker's log_path
-# (`<run>/logs/<worker>.log`), and every line to `<run>/logs/<launcher>.log`.
-
-import asyncio  # noqa: E402
-import logging  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-from dataclasses import dataclass as _dataclass, field as _field  # noqa: E402
-
-log = logging.getLogger("tdist.launch.world")
-
-_OMPI_TAG = re.compile(r"^\[\d+,(\d+)\]<(?:stdout|stderr)>:(.*)$", re.S)
-_SRUN_TAG = re.compile(r"^\s*(\d+): (.*)$", re.S)
-
-
 def parse_rank_line(line: str, launcher: str) -> tuple[int | None, str]:
     """`[1,2]<stdout>:text` (mpirun) or `2: text` (srun --label) → (2, "text"); untagged → (None, line)."""
     m = (_OMPI_TAG if launcher == "mpirun" else _SRUN_TAG).match(line)
     if not m:
         return None, line
     return int(m.group(1)), m.group(2)
+
 
 
 def world_env(
@@ -307,7 +139,6 @@ def world_env(
     nats_url: str | None = None,
     etcd_endpoints: list[str] | None = None,
     extra: dict[str, str] | None = None,
-    drain_timeout_s: float = 30.0,
 ) -> dict[str, str]:
     """Environment of the mpirun/srun process: what the emitted argv forwards to the ranks
     (NATS_SERVER, ETCD_ENDPOINTS via -x / --export), this interpreter's bin dir first on PATH
@@ -366,10 +197,215 @@ class RankLogDemux:
         self.thread.join(timeout_s)
 
 
-def _local_supervisor_cls():  # noqa: ANN202 - lazy: keeps `import tdist.launch.mpirun` light
-    from tdist.launch.local import LocalSupervisor
 
-    return LocalSupervisor
+@dataclass
+class WorldSupervisor(LocalSupervisor):
+    plan: Any = None
+    launcher: str = "mpirun"
+    plan_path: str = ""
+    world: subprocess.Popen | None = field(init=False, default=None)
+    etcd: Any = field(init=False, default=None)
+    demux: RankLogDemux | None = field(init=False, default=None)
+    world_exit: int | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.state.launcher = self.launcher
+
+    def world_argv(self) -> list[str]:
+        from tdist.plan.emit import emit_mpirun, emit_srun
+
+        if self.launcher == "mpirun":
+            return emit_mpirun(self.plan, self.plan_path)
+        return emit_srun(self.plan, self.plan_path)
+
+    async def start(self, progress: Any = None) -> None:
+        plan = self.plan
+        try:
+            host = os.environ.get("TDIST_BIND_HOST") or ("0.0.0.0" if plan.nodes > 1 else "127.0.0.1")
+            advertise = os.uname().nodename if host == "0.0.0.0" else host
+            if self.nats_url is None:
+                self.nats = start_nats(work_dir=str(self.run_dir / "nats"), host=host)
+                self.nats_url = f"nats://{advertise}:{self.nats.port}"
+                self.state.nats_pid = self.nats.pid
+                self.state.nats_embedded = True
+            self.state.nats_url = self.nats_url
+            from tdist.launch.etcd import ensure_etcd_for
+
+            self.etcd, etcd_eps = ensure_etcd_for(self.workers, self.run_dir, host=host, advertise_host=advertise)
+            if etcd_eps:
+                self.state.etcd_endpoints = etcd_eps
+                self.state.etcd_pid = self.etcd.process.pid if self.etcd else None
+                os.environ["ETCD_ENDPOINTS"] = ",".join(etcd_eps)  # our own discovery client
+                self.extra_env["ETCD_ENDPOINTS"] = ",".join(etcd_eps)  # service workers
+            self.state.save()
+
+            # The world: one mpirun/srun process, argv exactly as `tdist plan` shows it.
+            argv = self.world_argv()
+            env = world_env(self.launcher, nats_url=self.nats_url, etcd_endpoints=etcd_eps, extra=self.extra_env)
+            launcher_log = self.run_dir / "logs" / f"{self.launcher}.log"
+            self.world = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                env=env, cwd=str(self.run_dir), start_new_session=True,
+            )
+            rank_logs = {
+                i: (w.log_path or str(self.run_dir / "logs" / f"{w.name}.log"))
+                for i, w in enumerate(plan.world_workers)
+            }
+            self.demux = RankLogDemux(self.world.stdout, self.launcher, launcher_log, rank_logs).start()
+            self.state.job_id = env.get("SLURM_JOB_ID") if self.launcher == "srun" else str(self.world.pid)
+            self.state.extra.update({"world_pid": self.world.pid, "world_argv": argv, "launcher_log": str(launcher_log),
+                                     "world_size": plan.world_size})
+            for i, w in enumerate(plan.world_workers):
+                self.state.workers[w.name] = WorkerRecord(name=w.name, component=w.component, pid=None,
+                                                          log=rank_logs[i], state="running")
+            if env.get("SLURM_CONF"):
+                self.state.extra["slurm_conf"] = env["SLURM_CONF"]
+
+            # Service workers (routers, frontends) as local processes beside NATS.
+            for w in plan.service_workers:
+                rec = WorkerRecord(name=w.name, component=w.component,
+                                   log=w.log_path or str(self.run_dir / "logs" / f"{w.name}.log"))
+                self.state.workers[w.name] = rec
+                proc = _Proc(w, rec)
+                self._procs.append(proc)
+                self._spawn(proc)
+            self.state.save()
+            await self._wait_world_ready(progress)
+        except BaseException as exc:
+            self.state.state = "failed"
+            self.state.error = exc.render() if isinstance(exc, LaunchError) else f"{type(exc).__name__}: {exc}"
+            self.state.save()
+            await self.stop(final_state="failed")
+            raise
+        self.state.state = "ready"
+        self.state.save()
+
+    def _world_failure(self) -> LaunchError | None:
+        if self.world is None or self.world.poll() is None:
+            return None
+        if self.demux is not None:
+            self.demux.join(2)
+        launcher_log = self.run_dir / "logs" / f"{self.launcher}.log"
+        return LaunchError(
+            f"{self.launcher} exited with code {self.world.returncode}: the world ended",
+            log_tail=tail_file(str(launcher_log), 20),
+            log_path=str(launcher_log),
+        )
+
+    async def _wait_world_ready(self, progress: Any) -> None:
+        from tdist.runtime.planes.request import RequestClient
+
+        client = await RequestClient.connect(self.nats_url, self.deployment, discovery=self.workers[0].discovery)
+        try:
+            deadline = time.monotonic() + self.startup_timeout_s
+            names = set(self.state.workers)
+            while True:
+                failure = self._world_failure()
+                if failure is not None:
+                    raise failure
+                for p in self._procs:
+                    if p.process is not None and p.process.poll() is not None:
+                        raise LaunchError(f"worker {p.config.name} exited with code {p.process.returncode} during start",
+                                          log_tail=tail_file(p.record.log), log_path=p.record.log)
+                entries = await self._discovery_entries(client)
+                failed = [n for n, e in entries.items() if e.get("state") == "failed" and n in names]
+                if failed:
+                    rec = self.state.workers[failed[0]]
+                    raise LaunchError(f"worker {failed[0]} failed to start: {entries[failed[0]].get('error')}",
+                                      log_tail=tail_file(rec.log), log_path=rec.log)
+                ready = {n for n, e in entries.items() if e.get("state") == "ready" and n in names}
+                for n in ready:
+                    rec = self.state.workers[n]
+                    if rec.pid is None and entries[n].get("pid"):
+                        rec.pid = int(entries[n]["pid"])
+                        self.state.extra.setdefault("rank_hosts", {})[n] = entries[n].get("host")
+                if progress:
+                    progress(len(ready), len(names), ", ".join(sorted(names - ready)))
+                if ready == names:
+                    return
+                if time.monotonic() > deadline:
+                    slow = sorted(names - ready)
+                    rec = self.state.workers[slow[0]]
+                    raise LaunchError(f"not ready within {self.startup_timeout_s:g} s: {', '.join(slow)}",
+                                      log_tail=tail_file(rec.log) or tail_file(str(self.run_dir / "logs" / f"{self.launcher}.log")),
+                                      log_path=rec.log)
+                await asyncio.sleep(0.1)
+        finally:
+            await client.close()
+
+    def _drain_world(self) -> None:
+        """Let the ranks drain before the world is torn down.
+
+        mpirun answers SIGTERM by killing the job (SIGTERM, then SIGKILL ~1 s later: no time
+        to finish in-flight requests), so: if the worker drains on SIGUSR2 too
+        (`tdist.runtime.worker.DRAIN_SIGNALS`), send SIGUSR2 to mpirun, which forwards it to
+        every rank on every node; otherwise SIGTERM the ranks on this host directly. srun
+        forwards SIGTERM to the step's tasks itself. Then wait (bounded) for the world to end.
+        """
+        world = self.world
+        if world is None or world.poll() is not None:
+            return
+        if self.launcher != "mpirun":
+            # SIGTERM to srun cancels the step (SIGKILL soon after); `scancel --signal=TERM`
+            # on the step only delivers SIGTERM to its tasks, on every node.
+            from tdist.launch.slurm import find_step, signal_step
+
+            step = find_step(self.plan.srun.job_name, job_id=os.environ.get("SLURM_JOB_ID"))
+            if step is None or not signal_step(step, "TERM"):
+                _signal(world.pid, signal.SIGTERM)
+        elif signal.SIGUSR2 in _worker_drain_signals():
+            _signal(world.pid, signal.SIGUSR2)
+        else:
+            me = os.uname().nodename.split(".")[0]
+            hosts = self.state.extra.get("rank_hosts", {})
+            for w in self.plan.world_workers:
+                rec = self.state.workers.get(w.name)
+                if rec and rec.pid and str(hosts.get(w.name) or me).split(".")[0] == me:
+                    _signal(rec.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.drain_timeout_s
+        while world.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    async def supervise(self, stop: asyncio.Event) -> None:
+        async def watch_world() -> None:
+            while not stop.is_set():
+                failure = self._world_failure()
+                if failure is not None:
+                    self.world_exit = self.world.returncode if self.world else None
+                    self.state.error = failure.render()
+                    self.state.save()
+                    log.error("%s", self.state.error)
+                    stop.set()
+                    return
+                await asyncio.sleep(0.2)
+
+        watcher = asyncio.create_task(watch_world())
+        try:
+            await super().supervise(stop)
+        finally:
+            watcher.cancel()
+
+    async def stop(self, final_state: str = "stopped") -> None:
+        if self.state.state != "failed":
+            self.state.state = "stopping"
+            self.state.save()
+        if self.world is not None:
+            await asyncio.to_thread(self._drain_world)
+            await asyncio.to_thread(stop_pid, self.world.pid, timeout_s=10)
+            if self.world.poll() is None:
+                self.world.wait(5)
+            if self.demux is not None:
+                self.demux.join(5)
+        for rec in self.state.workers.values():
+            if rec.name in {w.name for w in self.plan.world_workers}:
+                rec.state = "stopped"
+        if self.world_exit is not None and final_state == "stopped":
+            final_state = "failed"
+        await super().stop(final_state=final_state)
+        if self.etcd is not None:
+            self.etcd.stop()
+            self.etcd = None
 
 
 def make_world_supervisor(run_dir: str | os.PathLike[str]) -> Any:
@@ -379,8 +415,7 @@ def make_world_supervisor(run_dir: str | os.PathLike[str]) -> Any:
     run = Path(run_dir)
     plan = Plan.model_validate_json((run / "plan.json").read_text())
     opts = json.loads((run / "launch.json").read_text())
-    cls = _world_supervisor_class()
-    return cls(
+    return WorldSupervisor(
         deployment=opts.get("deployment", plan.deployment),
         workers=list(plan.workers),
         run_dir=run,
@@ -393,234 +428,6 @@ def make_world_supervisor(run_dir: str | os.PathLike[str]) -> Any:
         launcher=opts.get("launcher", plan.launcher),
         plan_path=str(run / "plan.json"),
     )
-
-
-_WORLD_CLS: Any = None
-
-
-def _world_supervisor_class() -> Any:
-    """WorldSupervisor subclasses the lead's LocalSupervisor (NATS, service workers, teardown)."""
-    global _WORLD_CLS
-    if _WORLD_CLS is not None:
-        return _WORLD_CLS
-    Local = _local_supervisor_cls()
-    from tdist.launch.local import _Proc, tail_file
-    from tdist.launch.nats import start_nats
-    from tdist.launch.rundir import WorkerRecord
-
-    @_dataclass
-    class WorldSupervisor(Local):  # type: ignore[misc, valid-type]
-        plan: Any = None
-        launcher: str = "mpirun"
-        plan_path: str = ""
-        world: subprocess.Popen | None = _field(init=False, default=None)
-        etcd: Any = _field(init=False, default=None)
-        demux: RankLogDemux | None = _field(init=False, default=None)
-        world_exit: int | None = _field(init=False, default=None)
-
-        def __post_init__(self) -> None:
-            super().__post_init__()
-            self.state.launcher = self.launcher
-
-        def world_argv(self) -> list[str]:
-            from tdist.plan.emit import emit_mpirun, emit_srun
-
-            if self.launcher == "mpirun":
-                return emit_mpirun(self.plan, self.plan_path)
-            return emit_srun(self.plan, self.plan_path)
-
-        async def start(self, progress: Any = None) -> None:
-            plan = self.plan
-            try:
-                host = os.environ.get("TDIST_BIND_HOST") or ("0.0.0.0" if plan.nodes > 1 else "127.0.0.1")
-                advertise = os.uname().nodename if host == "0.0.0.0" else host
-                if self.nats_url is None:
-                    self.nats = start_nats(work_dir=str(self.run_dir / "nats"), host=host)
-                    self.nats_url = f"nats://{advertise}:{self.nats.port}"
-                    self.state.nats_pid = self.nats.pid
-                    self.state.nats_embedded = True
-                self.state.nats_url = self.nats_url
-                from tdist.launch.etcd import ensure_etcd_for
-
-                self.etcd, etcd_eps = ensure_etcd_for(self.workers, self.run_dir, host=host, advertise_host=advertise)
-                if etcd_eps:
-                    self.state.etcd_endpoints = etcd_eps
-                    self.state.etcd_pid = self.etcd.process.pid if self.etcd else None
-                    os.environ["ETCD_ENDPOINTS"] = ",".join(etcd_eps)  # our own discovery client
-                    self.extra_env["ETCD_ENDPOINTS"] = ",".join(etcd_eps)  # service workers
-                self.state.save()
-
-                # The world: one mpirun/srun process, argv exactly as `tdist plan` shows it.
-                argv = self.world_argv()
-                env = world_env(self.launcher, nats_url=self.nats_url, etcd_endpoints=etcd_eps, extra=self.extra_env,
-                                drain_timeout_s=self.drain_timeout_s)
-                launcher_log = self.run_dir / "logs" / f"{self.launcher}.log"
-                self.world = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    env=env, cwd=str(self.run_dir), start_new_session=True,
-                )
-                rank_logs = {
-                    i: (w.log_path or str(self.run_dir / "logs" / f"{w.name}.log"))
-                    for i, w in enumerate(plan.world_workers)
-                }
-                self.demux = RankLogDemux(self.world.stdout, self.launcher, launcher_log, rank_logs).start()
-                self.state.job_id = env.get("SLURM_JOB_ID") if self.launcher == "srun" else str(self.world.pid)
-                self.state.extra.update({"world_pid": self.world.pid, "world_argv": argv, "launcher_log": str(launcher_log),
-                                         "world_size": plan.world_size})
-                for i, w in enumerate(plan.world_workers):
-                    self.state.workers[w.name] = WorkerRecord(name=w.name, component=w.component, pid=None,
-                                                              log=rank_logs[i], state="running")
-                WorldRecord(launcher=self.launcher, argv=argv, run_dir=str(self.run_dir), log_path=str(launcher_log),
-                            pid=self.world.pid, job_id=self.state.job_id, ranks=plan.world_size,
-                            slurm_conf=env.get("SLURM_CONF")).save()
-
-                # Service workers (routers, frontends) as local processes beside NATS.
-                for w in plan.service_workers:
-                    rec = WorkerRecord(name=w.name, component=w.component,
-                                       log=w.log_path or str(self.run_dir / "logs" / f"{w.name}.log"))
-                    self.state.workers[w.name] = rec
-                    proc = _Proc(w, rec)
-                    self._procs.append(proc)
-                    self._spawn(proc)
-                self.state.save()
-                await self._wait_world_ready(progress)
-            except BaseException as exc:
-                self.state.state = "failed"
-                self.state.error = exc.render() if isinstance(exc, LaunchError) else f"{type(exc).__name__}: {exc}"
-                self.state.save()
-                await self.stop(final_state="failed")
-                raise
-            self.state.state = "ready"
-            self.state.save()
-
-        def _world_failure(self) -> LaunchError | None:
-            if self.world is None or self.world.poll() is None:
-                return None
-            if self.demux is not None:
-                self.demux.join(2)
-            launcher_log = self.run_dir / "logs" / f"{self.launcher}.log"
-            return LaunchError(
-                f"{self.launcher} exited with code {self.world.returncode}: the world ended",
-                log_tail=tail_file(str(launcher_log), 20),
-                log_path=str(launcher_log),
-            )
-
-        async def _wait_world_ready(self, progress: Any) -> None:
-            from tdist.runtime.planes.request import RequestClient
-
-            client = await RequestClient.connect(self.nats_url, self.deployment, discovery=self.workers[0].discovery)
-            try:
-                deadline = time.monotonic() + self.startup_timeout_s
-                names = set(self.state.workers)
-                while True:
-                    failure = self._world_failure()
-                    if failure is not None:
-                        raise failure
-                    for p in self._procs:
-                        if p.process is not None and p.process.poll() is not None:
-                            raise LaunchError(f"worker {p.config.name} exited with code {p.process.returncode} during start",
-                                              log_tail=tail_file(p.record.log), log_path=p.record.log)
-                    entries = await self._discovery_entries(client)
-                    failed = [n for n, e in entries.items() if e.get("state") == "failed" and n in names]
-                    if failed:
-                        rec = self.state.workers[failed[0]]
-                        raise LaunchError(f"worker {failed[0]} failed to start: {entries[failed[0]].get('error')}",
-                                          log_tail=tail_file(rec.log), log_path=rec.log)
-                    ready = {n for n, e in entries.items() if e.get("state") == "ready" and n in names}
-                    for n in ready:
-                        rec = self.state.workers[n]
-                        if rec.pid is None and entries[n].get("pid"):
-                            rec.pid = int(entries[n]["pid"])
-                            self.state.extra.setdefault("rank_hosts", {})[n] = entries[n].get("host")
-                    if progress:
-                        progress(len(ready), len(names), ", ".join(sorted(names - ready)))
-                    if ready == names:
-                        return
-                    if time.monotonic() > deadline:
-                        slow = sorted(names - ready)
-                        rec = self.state.workers[slow[0]]
-                        raise LaunchError(f"not ready within {self.startup_timeout_s:g} s: {', '.join(slow)}",
-                                          log_tail=tail_file(rec.log) or tail_file(str(self.run_dir / "logs" / f"{self.launcher}.log")),
-                                          log_path=rec.log)
-                    await asyncio.sleep(0.1)
-            finally:
-                await client.close()
-
-        def _drain_world(self) -> None:
-            """Let the ranks drain before the world is torn down.
-
-            mpirun answers SIGTERM by killing the job (SIGTERM, then SIGKILL ~1 s later: no time
-            to finish in-flight requests), so: if the worker drains on SIGUSR2 too
-            (`tdist.runtime.worker.DRAIN_SIGNALS`), send SIGUSR2 to mpirun, which forwards it to
-            every rank on every node; otherwise SIGTERM the ranks on this host directly. srun
-            forwards SIGTERM to the step's tasks itself. Then wait (bounded) for the world to end.
-            """
-            world = self.world
-            if world is None or world.poll() is not None:
-                return
-            if self.launcher != "mpirun":
-                # SIGTERM to srun cancels the step (SIGKILL soon after); `scancel --signal=TERM`
-                # on the step only delivers SIGTERM to its tasks, on every node.
-                from tdist.launch.slurm import find_step, signal_step
-
-                step = find_step(self.plan.srun.job_name, job_id=os.environ.get("SLURM_JOB_ID"))
-                if step is None or not signal_step(step, "TERM"):
-                    _signal(world.pid, signal.SIGTERM)
-            elif signal.SIGUSR2 in _worker_drain_signals():
-                _signal(world.pid, signal.SIGUSR2)
-            else:
-                me = os.uname().nodename.split(".")[0]
-                hosts = self.state.extra.get("rank_hosts", {})
-                for w in self.plan.world_workers:
-                    rec = self.state.workers.get(w.name)
-                    if rec and rec.pid and str(hosts.get(w.name) or me).split(".")[0] == me:
-                        _signal(rec.pid, signal.SIGTERM)
-            deadline = time.monotonic() + self.drain_timeout_s
-            while world.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-
-        async def supervise(self, stop: asyncio.Event) -> None:
-            async def watch_world() -> None:
-                while not stop.is_set():
-                    failure = self._world_failure()
-                    if failure is not None:
-                        self.world_exit = self.world.returncode if self.world else None
-                        self.state.error = failure.render()
-                        self.state.save()
-                        log.error("%s", self.state.error)
-                        stop.set()
-                        return
-                    await asyncio.sleep(0.2)
-
-            watcher = asyncio.create_task(watch_world())
-            try:
-                await super().supervise(stop)
-            finally:
-                watcher.cancel()
-
-        async def stop(self, final_state: str = "stopped") -> None:
-            if self.state.state != "failed":
-                self.state.state = "stopping"
-                self.state.save()
-            if self.world is not None:
-                await asyncio.to_thread(self._drain_world)
-                await asyncio.to_thread(stop_pid, self.world.pid, timeout_s=10)
-                if self.world.poll() is None:
-                    self.world.wait(5)
-                if self.demux is not None:
-                    self.demux.join(5)
-            for rec in self.state.workers.values():
-                if rec.name in {w.name for w in self.plan.world_workers}:
-                    rec.state = "stopped"
-            if self.world_exit is not None and final_state == "stopped":
-                final_state = "failed"
-            await super().stop(final_state=final_state)
-            if self.etcd is not None:
-                self.etcd.stop()
-                self.etcd = None
-
-    _WORLD_CLS = WorldSupervisor
-    return WorldSupervisor
 
 
 def _signal(pid: int, sig: int) -> None:

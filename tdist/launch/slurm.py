@@ -1,12 +1,14 @@
-"""`--launcher srun` (inside an allocation) and `--launcher sbatch` (submit the plan's batch script).
+"""Slurm for `--launcher sbatch` (submit the plan's batch script) and the srun world step.
 
 srun: one `srun --mpi=pmix ... python -m tdist.runtime.worker --plan plan.json` step whose tasks
-pick `workers[SLURM_PROCID]`; it runs detached like mpirun (see launch/mpirun.py) and SIGTERM to
-srun ends the step on every node. sbatch: the script text comes from `tdist.plan.emit_sbatch`;
-we write it to `<run>/job.sbatch`, submit it with `sbatch --parsable`, and record the job id —
-`tdist stop` is `scancel` plus a bounded wait until `squeue` no longer lists the job.
-Per-rank logs: srun's `--output <run>/logs/rank-%t.log` (written by each node's slurmstepd, so the
-run directory must be on a filesystem the nodes share, as it is on a Slurm cluster).
+pick `workers[SLURM_PROCID]`, run by the world supervisor (launch/mpirun.py); outside an
+allocation srun asks for one. To drain it, `scancel --signal=TERM <job>.<step>` (`find_step`,
+`signal_step`): SIGTERM to srun itself would cancel the step and SIGKILL the tasks.
+sbatch: the script text comes from `tdist.plan.emit_sbatch`; we write it to `<run>/job.sbatch`,
+submit it with `sbatch --parsable` and record the job id. `tdist stop` SIGTERMs the world step
+(ranks drain, the script ends), then scancels if needed, and waits until `squeue` no longer lists
+the job. Per-rank logs: the job inherits SLURM_LABELIO=1, so `slurm-<job>.out` has rank-labelled
+lines that `split_rank_output` turns into `<run>/logs/<worker>.log`.
 
 Every Slurm command gets the caller's environment (SLURM_CONF included: scripts/cluster.sh's
 test cluster is found that way) and a timeout; a failure is a LaunchError with the command's
@@ -22,7 +24,6 @@ import time
 from pathlib import Path
 
 from tdist.errors import LaunchError
-from tdist.launch.mpirun import WorldRecord, start_world_process
 
 JOB_SCRIPT = "job.sbatch"
 ACTIVE_STATES = frozenset(
@@ -66,35 +67,22 @@ def submit_sbatch(
     run_dir: str | os.PathLike[str],
     *,
     env: dict[str, str] | None = None,
-    ranks: int = 0,
-) -> WorldRecord:
-    """Write the plan's batch script to `<run>/job.sbatch`, submit it, record the job id."""
+) -> str:
+    """Write the plan's batch script to `<run>/job.sbatch`, submit it; returns the job id."""
     run = Path(run_dir)
     (run / "logs").mkdir(parents=True, exist_ok=True)
     script = run / JOB_SCRIPT
     script.write_text(script_text)
     script.chmod(0o755)
     env = dict(os.environ if env is None else env)
-    argv = [find_slurm_command("sbatch"), "--parsable", str(script)]
-    res = _run(argv, env=env, timeout_s=60)
+    res = _run([find_slurm_command("sbatch"), "--parsable", str(script)], env=env, timeout_s=60)
     if res.returncode != 0:
         raise LaunchError(
             f"sbatch rejected the job (exit {res.returncode})",
             log_tail=(res.stderr or res.stdout).strip(),
             log_path=str(script),
         )
-    job_id = parse_job_id(res.stdout)
-    record = WorldRecord(
-        launcher="sbatch",
-        argv=argv,
-        run_dir=str(run),
-        log_path=str(run / "logs" / f"slurm-{job_id}.out"),
-        job_id=job_id,
-        ranks=ranks,
-        slurm_conf=env.get("SLURM_CONF"),
-    )
-    record.save()
-    return record
+    return parse_job_id(res.stdout)
 
 
 def job_state(job_id: str, *, env: dict[str, str] | None = None) -> str | None:
@@ -223,35 +211,6 @@ def squeue_jobs(*, env: dict[str, str] | None = None) -> list[str]:
     """Ids of every job squeue lists (for `stop leaves an empty squeue`)."""
     res = _run([find_slurm_command("squeue"), "-h", "-o", "%i"], env=env)
     return [ln.strip() for ln in res.stdout.splitlines() if ln.strip()]
-
-
-# ---------------------------------------------------------------- srun
-
-
-def in_allocation(env: dict[str, str] | None = None) -> bool:
-    env = os.environ if env is None else env
-    return bool(env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID"))
-
-
-def start_srun(
-    argv: list[str],
-    run_dir: str | os.PathLike[str],
-    *,
-    env: dict[str, str] | None = None,
-    ranks: int = 0,
-    require_allocation: bool = True,
-) -> WorldRecord:
-    """Start the plan's srun step detached; SIGTERM to it (tdist stop) ends the step everywhere."""
-    env = dict(os.environ if env is None else env)
-    if require_allocation and not in_allocation(env):
-        raise LaunchError(
-            "--launcher srun runs inside a Slurm allocation (salloc/sbatch: SLURM_JOB_ID is not set); "
-            "use --launcher sbatch to submit a job instead"
-        )
-    _, record = start_world_process(argv, run_dir, launcher="srun", env=env, ranks=ranks)
-    record.job_id = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
-    record.save()
-    return record
 
 
 # ---------------------------------------------------------------- sbatch deployments
