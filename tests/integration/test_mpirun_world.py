@@ -91,3 +91,48 @@ def _alive(pid: int) -> bool:
             return fh.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+SIGNALLED = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    got = []
+    signal.signal(signal.SIGUSR2, lambda *a: got.append(1))
+    rank = os.environ["OMPI_COMM_WORLD_RANK"]
+    print(f"armed {rank}", flush=True)
+    deadline = time.time() + 60
+    while not got and time.time() < deadline:
+        time.sleep(0.05)
+    print(f"rank {rank} drained on SIGUSR2" if got else f"rank {rank} timed out", flush=True)
+    """
+)
+
+
+def test_mpirun_forwards_sigusr2_to_every_rank(tmp_path) -> None:
+    """The graceful-drain path for remote ranks: SIGUSR2 to mpirun reaches every rank (SIGTERM
+    would make mpirun kill the job ~1 s later), so a worker that drains on SIGUSR2 can finish."""
+    script = tmp_path / "sig.py"
+    script.write_text(SIGNALLED)
+    env = dict(mpirun_base_env(), OMPI_MCA_orte_tag_output="1")
+    proc = subprocess.Popen(
+        ["mpirun", "-np", "3", "--oversubscribe", sys.executable, str(script)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        armed = 0
+        lines = []
+        while armed < 3:
+            line = proc.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+            armed += "armed" in line
+        proc.send_signal(signal.SIGUSR2)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert sorted(ln.split(">:", 1)[1].strip() for ln in out.splitlines() if "drained" in ln) == [
+            f"rank {r} drained on SIGUSR2" for r in range(3)
+        ]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
