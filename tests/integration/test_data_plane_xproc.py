@@ -75,6 +75,12 @@ async def _producer_main(config_json: str) -> None:
         if cmd["cmd"] == "encode":
             wires = [await plane.encode(make_array(c)) for c in cmd["cases"]]
             out["wires"] = base64.b64encode(msgpack.packb(wires, use_bin_type=True)).decode()
+        elif cmd["cmd"] == "decode":  # act as a consumer: decode concurrently, compare
+            wires = msgpack.unpackb(base64.b64decode(cmd["wires"]), raw=False)
+            got = await asyncio.gather(*(plane.decode(w) for w in wires), return_exceptions=True)
+            out["ok"] = [not isinstance(g, BaseException) and _equal(g, make_array(c)) for g, c in zip(got, cmd["cases"])]
+            out["errors"] = [repr(g) for g in got if isinstance(g, BaseException)][:3]
+            del got
         elif cmd["cmd"] == "stored":
             gc.collect()
             plane.reap()
@@ -119,9 +125,12 @@ class Producer:
         line, self._buf = self._buf.split(b"\n", 1)
         return json.loads(line)
 
-    def call(self, cmd: str, timeout: float = 60.0, **kw: Any) -> dict[str, Any]:
+    def send(self, cmd: str, **kw: Any) -> None:
         self.proc.stdin.write((json.dumps({"cmd": cmd, **kw}) + "\n").encode())
         self.proc.stdin.flush()
+
+    def call(self, cmd: str, timeout: float = 60.0, **kw: Any) -> dict[str, Any]:
+        self.send(cmd, **kw)
         return self._read(timeout)
 
     def encode(self, *cases: str) -> list[dict[str, Any]]:
@@ -156,9 +165,22 @@ def _segments_of(pid: int) -> list[str]:
 
 KINDS = ["ucx", "shm", "auto"]
 
+try:
+    import ucxx  # noqa: F401
+
+    HAVE_UCXX = True
+except Exception:  # the shm tests still run
+    HAVE_UCXX = False
+
+
+def _need(kind: str) -> None:
+    if kind != "shm" and not HAVE_UCXX:
+        pytest.skip("needs ucxx (pip install 'tdist[ucx]'; CI: scripts/setup.d/20-ucx.sh)")
+
 
 @pytest.fixture(scope="module", params=KINDS)
 def producer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    _need(request.param)
     p = Producer(_config(request.param), tmp_path_factory.mktemp("dp"))
     p.kind = request.param
     yield p
@@ -172,6 +194,14 @@ async def consumer(producer: Producer):
     await plane.start()
     yield plane
     await plane.close()
+
+
+def _equal(got: Any, want: np.ndarray) -> bool:
+    try:
+        _assert_same(got, want)
+        return True
+    except AssertionError:
+        return False
 
 
 def _assert_same(got: Any, want: np.ndarray) -> None:
@@ -222,6 +252,46 @@ async def test_64mib_and_concurrent_consumers(producer: Producer, consumer) -> N
     assert await _eventually(lambda: producer.stored()["stored"] == 0)
 
 
+def test_several_consumer_processes_at_once(producer: Producer, tmp_path: Any) -> None:
+    """Two consumer processes pull 40 tensors each from one producer, concurrently."""
+    cases = ["uint8:large", "float32:small", "int64:noncontig", "bfloat16:large", "bool:scalar"] * 8
+    consumers = [Producer(_config(producer.kind), tmp_path) for _ in range(2)]
+    try:
+        batches = [producer.encode(*cases) for _ in consumers]
+        for c, wires in zip(consumers, batches):
+            c.send("decode", cases=cases, wires=base64.b64encode(msgpack.packb(wires, use_bin_type=True)).decode())
+        for c in consumers:
+            out = c._read(120.0)
+            assert all(out["ok"]) and len(out["ok"]) == len(cases), out
+    finally:
+        for c in consumers:
+            c.stop()
+    assert asyncio.run(_eventually(lambda: producer.stored()["stored"] == 0))
+
+
+async def test_auto_serves_over_ucx_when_shared_memory_is_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from tdist.runtime.planes.data import segments
+
+    _need("auto")
+
+    def full(seg, src):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(segments.SegmentPool, "fill", staticmethod(full))
+    prod, cons = make_data_plane(_config("auto")), make_data_plane(_config("auto"))
+    await prod.start()
+    await cons.start()
+    try:
+        wire = await prod.encode(make_array("float32:large"))
+        assert "shm" not in wire["ref"] and wire["ref"]["uri"].startswith("ucp://")
+        _assert_same(await cons.decode(wire), make_array("float32:large"))
+    finally:
+        await cons.close()
+        await prod.close()
+
+
 async def test_read_twice_is_a_typed_error(producer: Producer, consumer) -> None:
     (wire,) = producer.encode("int32:small")
     got = await consumer.decode(wire)
@@ -261,6 +331,7 @@ async def test_unknown_reference_is_a_typed_error(producer: Producer, consumer) 
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_lease_expiry(kind: str, tmp_path: Any) -> None:
+    _need(kind)
     p = Producer(_config(kind, lease_s=0.3), tmp_path)
     plane = make_data_plane(_config(kind))
     await plane.start()
@@ -280,6 +351,7 @@ async def test_lease_expiry(kind: str, tmp_path: Any) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_producer_death_is_a_typed_error_not_a_hang(kind: str, tmp_path: Any) -> None:
+    _need(kind)
     p = Producer(_config(kind), tmp_path)
     plane = make_data_plane(_config(kind))
     await plane.start()
@@ -301,6 +373,7 @@ async def test_auto_crosses_hosts_over_ucx(tmp_path: Any, monkeypatch: pytest.Mo
     """A consumer on "another host" (different host_id) pulls an auto reference over UCX."""
     from tdist.runtime.planes.data import plane as plane_mod
 
+    _need("auto")
     p = Producer(_config("auto"), tmp_path)
     monkeypatch.setattr(plane_mod, "host_id", lambda: "elsewhere")
     plane = make_data_plane(_config("auto"))

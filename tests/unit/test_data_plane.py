@@ -381,3 +381,16 @@ async def test_cpu_torch_tensors_arrive_as_numpy(planes) -> None:
     t = torch.arange(1000, dtype=torch.float32).reshape(10, 100)
     got = await cons.decode(await prod.encode(t))
     assert isinstance(got, np.ndarray) and (got == t.numpy()).all()
+
+
+async def test_full_shared_memory_is_a_typed_error(planes, monkeypatch) -> None:
+    import errno
+
+    def full(seg, src):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(segments.SegmentPool, "fill", staticmethod(full))
+    prod = await planes("shm")
+    with pytest.raises(DataPlaneError, match="shared memory"):
+        await prod.encode(np.ones(1000))
+    assert prod.stored == 0
