@@ -21,7 +21,7 @@ $T deploy "$GRAPH" --detach
 echo "== tdist infer --component encoder_decoder --input 'input=[1,2,3]'"
 $T infer --component encoder_decoder --input 'input=[1,2,3]'
 echo "== tdist infer ... --requests 500 --concurrency 16"
-$T infer --component encoder_decoder --input 'input=[[1,2,3,4],[5,6,7,8]]' --requests 500 --concurrency 16
+$T infer --component encoder_decoder --input 'input=[1,2,3,4,5,6,7,8]' --requests 500 --concurrency 16
 echo "== tdist status"
 $T status
 echo "== tdist stop"

@@ -39,6 +39,7 @@ async def run_load(
     client = await client_coro
     latencies: list[float] = []
     errors: Counter[str] = Counter()
+    first_error: dict[str, str] = {}
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(requests):
         queue.put_nowait(i)
@@ -61,6 +62,7 @@ async def run_load(
                         latencies.append(time.perf_counter() - t0)
                     except RequestError as exc:
                         errors[exc.kind] += 1
+                        first_error.setdefault(exc.kind, exc.render())
                     progress.advance(task)
 
             start = time.perf_counter()
@@ -83,4 +85,6 @@ async def run_load(
     t.add_row(str(requests), str(ok), ", ".join(f"{k}: {v}" for k, v in errors.items()) or "0",
               f"{result['p50_ms']:.2f}", f"{result['p90_ms']:.2f}", f"{result['p99_ms']:.2f}")
     console.print(t)
+    for text in first_error.values():
+        console.print(f"[red]first error:[/] {text}")
     return result
