@@ -117,8 +117,7 @@ def _deploy_world_detached(plan: Any, run_dir: Path, startup_timeout_s: float) -
             if state is not None and state.state == "ready":
                 break
             if state is not None and state.state == "failed":
-                raise LaunchError(f"deployment {plan.deployment} failed to start: {state.error}",
-                                  log_path=str(run_dir / "logs"))
+                raise LaunchError(f"deployment {plan.deployment} failed to start: {state.error}")
             if proc.poll() is not None:
                 raise LaunchError(
                     f"world supervisor exited with code {proc.returncode}" + (f": {state.error}" if state and state.error else ""),

@@ -242,6 +242,12 @@ class WorldSupervisor(LocalSupervisor):
 
             # The world: one mpirun/srun process, argv exactly as `tdist plan` shows it.
             argv = self.world_argv()
+            if self.launcher == "mpirun":
+                find_mpirun()
+            else:
+                from tdist.launch.slurm import find_slurm_command
+
+                find_slurm_command("srun")
             env = world_env(self.launcher, nats_url=self.nats_url, etcd_endpoints=etcd_eps, extra=self.extra_env)
             launcher_log = self.run_dir / "logs" / f"{self.launcher}.log"
             self.world = subprocess.Popen(
@@ -327,9 +333,9 @@ class WorldSupervisor(LocalSupervisor):
                 if time.monotonic() > deadline:
                     slow = sorted(names - ready)
                     rec = self.state.workers[slow[0]]
+                    path = rec.log if tail_file(rec.log) else str(self.run_dir / "logs" / f"{self.launcher}.log")
                     raise LaunchError(f"not ready within {self.startup_timeout_s:g} s: {', '.join(slow)}",
-                                      log_tail=tail_file(rec.log) or tail_file(str(self.run_dir / "logs" / f"{self.launcher}.log")),
-                                      log_path=rec.log)
+                                      log_tail=tail_file(path), log_path=path)
                 await asyncio.sleep(0.1)
         finally:
             await client.close()
