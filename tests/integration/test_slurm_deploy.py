@@ -177,3 +177,28 @@ def test_hello_world_as_an_srun_step(env: dict[str, str], tmp_path: Path) -> Non
     for name in ("encoder.0", "decoder.0", "encoder_decoder.0"):
         text = (run_dir / "logs" / f"{name}.log").read_text()
         assert f"worker {name} stopped" in text
+
+
+def test_srun_inside_an_salloc_allocation(env: dict[str, str], tmp_path: Path) -> None:
+    """The usual HPC flow: `salloc`, then `tdist deploy --launcher srun` uses that allocation."""
+    graph = make_graph(tmp_path, "hw-alloc")
+    script = tmp_path / "inside.sh"
+    tdist_cmd = " ".join(TDIST)
+    script.write_text(
+        "set -e\n"
+        f"{tdist_cmd} deploy {graph} --launcher srun --detach > {tmp_path}/deploy.out\n"
+        "squeue -h -s -o %i > " + f"{tmp_path}/steps.out\n"
+        f"{tdist_cmd} infer --component encoder_decoder --input 'input=[9,8]' > {tmp_path}/infer.out\n"
+        f"{tdist_cmd} stop > {tmp_path}/stop.out\n"
+        'echo "job=$SLURM_JOB_ID"\n'
+    )
+    res = subprocess.run(["salloc", "-n3", "bash", str(script)], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    job = res.stdout.split("job=")[1].split()[0]
+    assert (tmp_path / "steps.out").read_text().split() == [f"{job}.0"]  # one step, in the allocation
+    assert "output: [9, 8]" in (tmp_path / "infer.out").read_text()
+    assert squeue(env) == []
+    run_dir = Path(env["TDIST_HOME"]) / "runs" / "hw-alloc"
+    assert RunState.load(run_dir / "state.json").job_id == job
+    assert "worker encoder.0 stopped" in (run_dir / "logs" / "encoder.0.log").read_text()
