@@ -292,6 +292,21 @@ async def test_auto_serves_over_ucx_when_shared_memory_is_full(monkeypatch: pyte
         await prod.close()
 
 
+async def test_ucx_reference_decoded_by_its_own_plane() -> None:
+    _need("ucx")
+    plane = make_data_plane(_config("ucx"))
+    await plane.start()
+    try:
+        wire = await plane.encode(make_array("int16:large"))
+        assert wire["ref"]["uri"].startswith("ucp://")
+        _assert_same(await plane.decode(wire), make_array("int16:large"))
+        assert plane.stored == 0
+        with pytest.raises(DataPlaneError):
+            await plane.decode(wire)
+    finally:
+        await plane.close()
+
+
 async def test_read_twice_is_a_typed_error(producer: Producer, consumer) -> None:
     (wire,) = producer.encode("int32:small")
     got = await consumer.decode(wire)

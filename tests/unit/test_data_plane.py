@@ -394,3 +394,12 @@ async def test_full_shared_memory_is_a_typed_error(planes, monkeypatch) -> None:
     with pytest.raises(DataPlaneError, match="shared memory"):
         await prod.encode(np.ones(1000))
     assert prod.stored == 0
+
+
+async def test_own_reference_in_the_same_plane(planes) -> None:
+    """A worker sending to an operator in its own process: decode through the same plane."""
+    p = await planes("shm")
+    a = np.arange(5000, dtype=np.int64)
+    got = await p.decode(await p.encode(a))
+    assert same(got, a)
+    del got

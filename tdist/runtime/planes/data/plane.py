@@ -251,6 +251,10 @@ class DataPlane:
         if same_host and ref.pid and not process_alive(ref.pid, ref.pid_start):
             views.sweep_dead()
             raise DataPlaneError(f"the producer of this tensor (pid {ref.pid}) is gone", detail={"pid": ref.pid})
+        own = self._entries.get(ref.id)
+        if own is not None and own.data is not None and not own.busy and own.ref.pid == ref.pid:
+            self._drop(ref.id, "released")  # our own in-process copy: no transfer needed
+            return _build(own.data, ref)
         prefer_ucx = self.config.kind == "ucx" and ref.ucx_address is not None
         if ref.memory == "cuda" and same_host and ref.cuda_ipc is not None and cuda.can_open_ipc() and not prefer_ucx:
             return await self._decode_cuda_ipc(ref)
