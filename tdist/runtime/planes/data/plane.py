@@ -262,6 +262,12 @@ class DataPlane:
             payload = await views.take(ref.shm, ref.shm_token or b"", ref.nbytes)
             return _build(payload, ref)
         addr = ref.ucx_address
+        if addr is None and ref.memory == "cuda" and same_host:
+            raise DataPlaneError(
+                "this GPU tensor travels by CUDA IPC, which needs torch with CUDA in the consumer; "
+                "or use data_plane: auto / ucx so it can be staged through the host",
+                detail={"uri": ref.uri},
+            )
         if addr is None:
             raise DataPlaneError(
                 "this reference lives in another host's shared memory and its producer does not serve UCX "
