@@ -45,6 +45,8 @@ from tdist.launch.rundir import WorkerRecord
 log = logging.getLogger("tdist.launch.world")
 
 _OMPI_TAG = re.compile(r"^\[\d+,(\d+)\]<(?:stdout|stderr)>:(.*)$", re.S)
+_OMPI_INNER_TAG = re.compile(r"\[\d+,\d+\]<(?:stdout|stderr)>:")
+_OMPI_INNER_TAG_RANK = re.compile(r"\[\d+,(\d+)\]<(?:stdout|stderr)>:")
 _SRUN_TAG = re.compile(r"^\s*(\d+): (.*)$", re.S)
 
 
@@ -128,8 +130,33 @@ def parse_rank_line(line: str, launcher: str) -> tuple[int | None, str]:
     m = (_OMPI_TAG if launcher == "mpirun" else _SRUN_TAG).match(line)
     if not m:
         return None, line
-    return int(m.group(1)), m.group(2)
+    body = m.group(2)
+    if launcher == "mpirun":
+        # Open MPI tags chunks, not lines: a line's end can arrive as its own tagged chunk
+        # ("text[1,2]<stdout>:\n"). Drop the inner tags.
+        body = _OMPI_INNER_TAG.sub("", body)
+    return int(m.group(1)), body
 
+
+
+def split_rank_chunks(line: str, launcher: str) -> list[tuple[int | None, str]]:
+    """One line of the world's output → (rank, text) pieces, in order.
+
+    Open MPI tags chunks, not lines, so one physical line can carry several ranks' pieces:
+    `[1,0]<stdout>:armed 0[1,1]<stdout>:armed 1[1,0]<stdout>:\n` → (0, "armed 0"), (1, "armed 1"),
+    (0, "\n"). A piece without a newline continues that rank's line. srun labels whole lines.
+    """
+    if launcher != "mpirun":
+        rank, text = parse_rank_line(line, launcher)
+        return [(rank, text)]
+    tags = list(_OMPI_INNER_TAG_RANK.finditer(line))
+    if not tags or tags[0].start() != 0:
+        return [(None, line)]
+    pieces = []
+    for i, m in enumerate(tags):
+        end = tags[i + 1].start() if i + 1 < len(tags) else len(line)
+        pieces.append((int(m.group(1)), line[m.end():end]))
+    return pieces
 
 
 def world_env(
@@ -182,14 +209,22 @@ class RankLogDemux:
         return self._files[rank]
 
     def _run(self) -> None:
+        pending: dict[int, str] = {}  # rank → text of a line not finished yet
         with open(self.launcher_log, "a", buffering=1) as all_out:
             for raw in iter(self.stream.readline, b""):
                 line = raw.decode(errors="replace")
                 all_out.write(line)
-                rank, text = parse_rank_line(line, self.launcher)
-                if rank is not None:
-                    f = self._file(rank)
-                    f.write(text if text.endswith("\n") else text + "\n")
+                for rank, text in split_rank_chunks(line, self.launcher):
+                    if rank is None:
+                        continue
+                    text = pending.pop(rank, "") + text
+                    head, sep, rest = text.rpartition("\n")
+                    if sep:
+                        self._file(rank).write(head + "\n")
+                    if rest:
+                        pending[rank] = rest
+        for rank, rest in pending.items():
+            self._file(rank).write(rest + "\n")
         for f in self._files.values():
             f.close()
 

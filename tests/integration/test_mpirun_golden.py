@@ -118,6 +118,7 @@ def test_parse_rank_line() -> None:
 
     assert parse_rank_line("[1,2]<stdout>:tdist worker ready: x\n", "mpirun") == (2, "tdist worker ready: x\n")
     assert parse_rank_line("[1,10]<stderr>:boom", "mpirun") == (10, "boom")
+    assert parse_rank_line("[1,2]<stdout>:done[1,2]<stdout>:\n", "mpirun") == (2, "done\n")  # chunked line end
     assert parse_rank_line("mpirun noticed that ...", "mpirun") == (None, "mpirun noticed that ...")
     assert parse_rank_line("3: hello", "srun") == (3, "hello")
     assert parse_rank_line("srun: error: vm: task 0: Killed", "srun")[0] is None
@@ -128,12 +129,13 @@ def test_rank_log_demux_splits_tagged_output(tmp_path: Path) -> None:
 
     from tdist.launch.mpirun import RankLogDemux
 
-    stream = io.BytesIO(b"[1,0]<stdout>:a\n[1,1]<stderr>:b\nuntagged\n[1,0]<stderr>:c\n")
+    stream = io.BytesIO(b"[1,0]<stdout>:a\n[1,1]<stderr>:b\nuntagged\n[1,0]<stderr>:c\n"
+                        b"[1,0]<stdout>:d[1,1]<stdout>:e[1,0]<stdout>:\n[1,1]<stdout>:\n[1,1]<stdout>:f")
     logs = {0: str(tmp_path / "w0.log"), 1: str(tmp_path / "w1.log")}
     demux = RankLogDemux(stream, "mpirun", tmp_path / "mpirun.log", logs).start()
     demux.join()
-    assert (tmp_path / "w0.log").read_text() == "a\nc\n"
-    assert (tmp_path / "w1.log").read_text() == "b\n"
+    assert (tmp_path / "w0.log").read_text() == "a\nc\nd\n"
+    assert (tmp_path / "w1.log").read_text() == "b\ne\nf\n"  # chunked lines rejoined per rank
     assert "untagged" in (tmp_path / "mpirun.log").read_text()
 
 
