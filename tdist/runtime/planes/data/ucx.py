@@ -149,8 +149,12 @@ def _unframe(buf: np.ndarray) -> dict[str, Any]:
     return obj
 
 
-async def _send(ep: Any, obj: dict[str, Any]) -> None:
-    await asyncio.wait_for(ep.send(_frame(obj)), OP_TIMEOUT_S)
+TAG_HEAD, TAG_PAYLOAD = 1, 2  # a "get" answer: header and payload on their own tags, so the
+# consumer posts both receives up front and the producer sends both at once (one round trip)
+
+
+async def _send(ep: Any, obj: dict[str, Any], tag: int | None = None) -> None:
+    await asyncio.wait_for(ep.send(_frame(obj), tag=tag), OP_TIMEOUT_S)
 
 
 async def _recv(ep: Any, timeout: float | None = OP_TIMEOUT_S) -> dict[str, Any]:
@@ -230,14 +234,15 @@ class UcxServer:
             try:
                 served = await self._lookup(ref_id)
             except DataPlaneError as exc:
-                await _send(ep, {"ok": False, "error": exc.message})
+                await _send(ep, {"ok": False, "error": exc.message}, tag=TAG_HEAD)
                 return True
             acked = False
             try:
                 n = int(served.payload.nbytes)
-                await _send(ep, {"ok": True, "nbytes": n})
+                sends = [_send(ep, {"ok": True, "nbytes": n}, tag=TAG_HEAD)]
                 if n:
-                    await asyncio.wait_for(ep.send(served.payload), payload_timeout(n))
+                    sends.append(asyncio.wait_for(ep.send(served.payload, tag=TAG_PAYLOAD), payload_timeout(n)))
+                await asyncio.gather(*sends)
                 ack = await _recv(ep, payload_timeout(n))
                 acked = ack.get("op") == "ack" and ack.get("id") == ref_id
                 return acked
@@ -339,8 +344,8 @@ class UcxClient:
                 result = await fn(ep)
                 ok = True
                 return result
-            except DataPlaneError:
-                ok = True  # an answer from the producer: the endpoint is fine
+            except DataPlaneError as exc:
+                ok = not getattr(exc, "discard_endpoint", False)  # an answer: the endpoint is fine
                 raise
             except asyncio.CancelledError:
                 raise
@@ -360,19 +365,30 @@ class UcxClient:
         """The payload of one reference (uint8); the producer releases it on our ack."""
 
         async def get(ep: Any) -> np.ndarray:
+            head_buf = np.empty(FRAME, dtype=np.uint8)
+            buf = np.empty(nbytes, dtype=np.uint8)
+            head_t = asyncio.ensure_future(ep.recv(head_buf, tag=TAG_HEAD))
+            pay_t = asyncio.ensure_future(ep.recv(buf, tag=TAG_PAYLOAD)) if nbytes else None
             try:
-                await _send(ep, {"op": "get", "id": ref_id})
-                head = await _recv(ep)
-            except (asyncio.TimeoutError, Exception) as exc:
-                raise _Stale(str(exc)) from exc
-            if not head.get("ok"):
-                raise DataPlaneError(str(head.get("error", "the producer refused the reference")), detail={"id": ref_id[:6]})
-            n = int(head["nbytes"])
-            if n != nbytes:
-                raise DataPlaneError(f"producer sent {n} bytes, the reference says {nbytes}")
-            buf = np.empty(n, dtype=np.uint8)
-            if n:
-                await asyncio.wait_for(ep.recv(buf), payload_timeout(n))
+                try:
+                    await _send(ep, {"op": "get", "id": ref_id})
+                    await asyncio.wait_for(asyncio.shield(head_t), OP_TIMEOUT_S)
+                    head = _unframe(head_buf)
+                except (asyncio.TimeoutError, Exception) as exc:
+                    raise _Stale(str(exc)) from exc
+                if not head.get("ok") or int(head.get("nbytes", -1)) != nbytes:
+                    err = DataPlaneError(
+                        str(head.get("error") or f"producer sent {head.get('nbytes')} bytes, the reference says {nbytes}"),
+                        detail={"id": ref_id[:6]},
+                    )
+                    err.discard_endpoint = True  # our payload receive is still posted on it
+                    raise err
+                if pay_t is not None:
+                    await asyncio.wait_for(asyncio.shield(pay_t), payload_timeout(nbytes))
+            finally:
+                for t in (head_t, pay_t):
+                    if t is not None and not t.done():
+                        t.cancel()
             await _send(ep, {"op": "ack", "id": ref_id})
             return buf
 
