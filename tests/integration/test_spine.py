@@ -233,3 +233,27 @@ async def test_worker_serves_prometheus_metrics(deploy) -> None:
     assert 'tdist_requests_total{operator="fail",status="error",worker="echo.0"} 1.0' in text
     assert 'tdist_request_latency_seconds_count{operator="echo",worker="echo.0"} 3.0' in text
     assert 'tdist_inflight_requests{operator="echo",worker="echo.0"} 0.0' in text
+
+
+@pytest.mark.parametrize("kind", ["auto", "ucx"])
+async def test_hello_world_moves_a_64_mib_intermediate_by_reference(deploy, kind: str) -> None:
+    """input_copies=8 on an 8 MiB input: the encoder's 64 MiB output travels worker → worker through
+    the data plane (shared memory on one host for `auto`, UCX for `ucx`), never through NATS."""
+    pytest.importorskip("ucxx") if kind == "ucx" else None
+    dep = unique_name(f"hw64-{kind}")
+    dp = {"kind": kind}
+    hw = lambda name, cls: {"name": name, "kind": "python", "implementation": f"hello_world_ops:{cls}",  # noqa: E731
+                            "parameters": {"input_copies": 8}, "max_inflight_requests": 2}
+    ws = [
+        worker_config(dep, "encoder", [hw("encoder", "EncoderOperator")], data_plane=dp),
+        worker_config(dep, "decoder", [hw("decoder", "DecoderOperator")], data_plane=dp),
+        worker_config(dep, "encoder_decoder", [hw("encoder_decoder", "EncodeDecodeOperator")], data_plane=dp),
+    ]
+    d = await deploy(ws)
+    x = np.random.default_rng(0).integers(-(2**62), 2**62, size=(1024, 1024), dtype=np.int64)  # 8 MiB
+    assert x.nbytes * 8 == 64 * 2**20 and x.nbytes * 8 > 50 * d.client.nc.max_payload
+    for _ in range(2):
+        r = await anext(d.client.infer("encoder_decoder", inputs={"input": x}, timeout_s=120))
+        np.testing.assert_array_equal(r.outputs["output"], x)
+    enc = await anext(d.client.infer("encoder", inputs={"input": x[:4]}, timeout_s=60))
+    assert enc.outputs["output"].shape == (32, 1024)
