@@ -205,7 +205,8 @@ RETRYABLE = (NoWorkerError, WorkerLost)
 
 class RouterOperator(Operator):
     """`kind: router`. Parameters: policy (round_robin | least_loaded | prefix), prefix_chars (64),
-    retries (2), failure_cooldown_s (5), discovery_max_age_s (0.5), role (instances of this role
+    retries (2), failure_cooldown_s (5), discovery_max_age_s (0.5), discovery_wait_s (1: how long
+    to look again when discovery lists no instance), role (instances of this role
     only; default: any). `targets:` names the LLM operator (first one is used)."""
 
     def __init__(self, context: OperatorContext) -> None:
@@ -218,6 +219,7 @@ class RouterOperator(Operator):
         self.policy = make_policy(self.policy_name, self.parameters)
         self.retries = int(self.parameters.get("retries", 2))
         self.discovery_max_age_s = float(self.parameters.get("discovery_max_age_s", 0.5))
+        self.discovery_wait_s = float(self.parameters.get("discovery_wait_s", 1.0))
         self.role_filter: str | None = self.parameters.get("role")
         self.health = Health(float(self.parameters.get("failure_cooldown_s", 5.0)))
         self._local: dict[str, int] = {}
@@ -257,6 +259,23 @@ class RouterOperator(Operator):
             out = [Candidate(name=n, local_inflight=self._local.get(n, 0)) for n in sorted(entries)]
         return out
 
+    async def _wait_for_candidates(self, request: Request) -> list[Candidate]:
+        """Discovery said "nobody": look again, fresh, a few times within ~1 s (and the deadline).
+
+        A worker that just started, or a discovery read that failed under load, should not turn
+        into a NoWorkerError at once.
+        """
+        delay = 0.05
+        waited = 0.0
+        while waited < self.discovery_wait_s and request.time_left_s > delay:
+            await asyncio.sleep(delay)
+            waited += delay
+            entries = await self._client().instances(self.target, max_age_s=0.0)
+            if entries:
+                return await self.candidates()
+            delay = min(delay * 2, 0.4)
+        return []
+
     # -- forwarding -----------------------------------------------------------------------------
 
     async def execute(self, request: Request) -> None:
@@ -271,6 +290,8 @@ class RouterOperator(Operator):
             if request.time_left_s <= 0:
                 raise RequestTimeout("deadline passed while routing", operator=self.name, request_id=request.id)
             cands = await self.candidates(exclude=tried)
+            if not cands and not tried:
+                cands = await self._wait_for_candidates(request)
             if not cands:
                 if last_error is not None:
                     raise last_error

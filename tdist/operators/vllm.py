@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from tdist.errors import BadRequest, OperatorError, OperatorLoadError
@@ -35,6 +37,42 @@ VLLM_EXTRA_HINT = "pip install 'tdist[vllm]' on a GPU machine, or 'tdist[vllm-cp
 
 #: Defaults applied on a CPU-only machine when the engine args do not set them.
 CPU_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "kv_cache_memory_bytes": 512 << 20}
+#: Niceness given to the engine's own processes (EngineCore, workers) on a CPU-only machine.
+#: vLLM's CPU backend busy-polls (its shared-memory queues spin for 1 s after each read), so
+#: during generation the engine processes keep every core busy; at equal priority the message
+#: bus (nats-server), this worker's event loop, the router and the frontend then get the CPU
+#: late and streamed tokens arrive in bursts (measured: inter-token gaps of 0.01 ms after a
+#: 150 ms stall). The engine yields to them at niceness 10; the worker process itself is untouched.
+CPU_ENGINE_NICE = 10
+
+
+def renice_children(nice: int, root: int | None = None) -> list[int]:
+    """Set the niceness of every thread of every descendant process of `root` (default: this one)."""
+    parent: dict[int, int] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            parent[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    mine, frontier = [], [root or os.getpid()]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        mine += kids
+        frontier += kids
+    for pid in mine:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
+            except OSError:
+                pass
+    return sorted(mine)
 
 
 def import_vllm() -> Any:
@@ -167,9 +205,10 @@ class VllmEngine(LLMEngine):
 
     name = "vllm"
 
-    def __init__(self, engine_args: dict[str, Any], *, logger: Any = None) -> None:
+    def __init__(self, engine_args: dict[str, Any], *, logger: Any = None, engine_nice: int | None = None) -> None:
         self.engine_args = dict(engine_args)
         self.logger = logger
+        self.engine_nice = engine_nice
         self.llm: Any = None
         self.tokenizer: Any = None
         self.block_size: int | None = None
@@ -191,6 +230,11 @@ class VllmEngine(LLMEngine):
 
         self.llm = await asyncio.to_thread(build)
         self.tokenizer = self.llm.get_tokenizer()
+        nice = self.engine_nice if self.engine_nice is not None else (CPU_ENGINE_NICE if _cpu_only() else 0)
+        if nice and sys.platform.startswith("linux"):
+            pids = renice_children(nice)
+            if self.logger is not None and pids:
+                self.logger.info("engine processes %s run at niceness %d (engine_nice)", pids, nice)
         try:
             self.block_size = int(self.llm.vllm_config.cache_config.block_size)
             self.max_model_len = int(self.llm.vllm_config.model_config.max_model_len)
@@ -269,4 +313,5 @@ class VllmOperator(LLMEngineOperator):
     engine_kind = "vllm"
 
     def create_engine(self) -> VllmEngine:
-        return VllmEngine(self.engine_args, logger=self.logger)
+        nice = self.parameters.get("engine_nice")
+        return VllmEngine(self.engine_args, logger=self.logger, engine_nice=None if nice is None else int(nice))

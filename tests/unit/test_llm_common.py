@@ -131,3 +131,31 @@ def test_engine_args_from_file_and_inline(tmp_path) -> None:
     (tmp_path / "bad.json").write_text("[1]")
     with pytest.raises(OperatorLoadError, match="mapping"):
         load_engine_args({"config": str(tmp_path / "bad.json")})
+
+
+def test_engine_processes_are_reniced(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tdist.operators.vllm import renice_children
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("linux /proc only")
+    # a child that itself has a child, like the tdist worker → EngineCore → VLLM::Worker
+    before = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "import subprocess,sys; subprocess.run(['sleep','20'])"])
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            pids = renice_children(7, root=child.pid)  # never this process's other children
+            if pids:
+                break
+            time.sleep(0.05)
+        assert len(pids) == 1  # the grandchild
+        assert all(os.getpriority(os.PRIO_PROCESS, p) == 7 for p in pids)
+        assert os.getpriority(os.PRIO_PROCESS, os.getpid()) == before  # this process is untouched
+    finally:
+        child.kill()
+        child.wait()

@@ -205,17 +205,22 @@ class OpenAIFrontend(Operator):
             raise ApiError(400, "the request body must be a JSON object")
         return body
 
-    async def refresh_models(self) -> list[str]:
-        """Served model names: configured ones, else those the LLM workers publish in discovery."""
-        if self.configured_models or time.monotonic() - self._models_checked < 2.0:
+    async def refresh_models(self, *, force: bool = False) -> list[str]:
+        """Served model names: configured ones, else those the LLM workers publish in discovery.
+
+        A successful lookup is reused for 2 s; a failed or empty one is retried on the next call.
+        """
+        if self.configured_models:
             return self.model_names
-        self._models_checked = time.monotonic()
+        if not force and time.monotonic() - self._models_checked < 2.0:
+            return self.model_names
         workers = getattr(self.context.client, "workers", None)
         if workers is None:
             return self.model_names
         try:
-            entries = await workers(max_age_s=1.0)
-        except Exception:
+            entries = await workers(max_age_s=0.0 if force else 1.0)
+        except Exception as exc:
+            self.logger.debug("model lookup in discovery failed: %s", exc)
             return self.model_names
         found: list[str] = []
         for entry in entries.values():
@@ -227,8 +232,9 @@ class OpenAIFrontend(Operator):
                     if isinstance(name, str) and name not in found:
                         found.append(name)
         if found:
-            self.model_names = sorted(found)
-            self.model_name = self.model_names[0]
+            self._models_checked = time.monotonic()
+            self.model_names = sorted(set(found) | (set(self.model_names) - {self.target}))
+            self.model_name = sorted(found)[0]
         return self.model_names
 
     async def _check_model(self, body: dict[str, Any]) -> str:
@@ -236,6 +242,8 @@ class OpenAIFrontend(Operator):
         await self.refresh_models()
         if model is None:
             return self.model_name
+        if isinstance(model, str) and model not in self.model_names:
+            await self.refresh_models(force=True)  # a worker may have joined since the last look
         if not isinstance(model, str) or model not in self.model_names:
             raise ApiError(404, f"The model `{model}` does not exist; this server serves: {', '.join(self.model_names)}",
                            param="model", code="model_not_found")
@@ -303,7 +311,7 @@ class OpenAIFrontend(Operator):
         from aiohttp import web
 
         name = request.match_info["model"]
-        if name not in await self.refresh_models():
+        if name not in await self.refresh_models() and name not in await self.refresh_models(force=True):
             raise ApiError(404, f"The model `{name}` does not exist", param="model", code="model_not_found")
         return web.json_response(self._model_card(name))
 
