@@ -375,14 +375,15 @@ def status(
                           "components": components, "unhealthy": unhealthy, "error": problem}, indent=2))
     else:
         t = Table(title=f"{state.deployment} ({state.state}) · {state.nats_url}", title_justify="left")
-        for col in ("component", "worker", "state", "host", "pid", "in-flight", "served", "errors", "uptime", "heartbeat", "restarts"):
-            t.add_column(col, justify="right" if col in ("pid", "in-flight", "served", "errors", "restarts") else "left")
+        for col in ("component", "worker", "state", "host", "pid", "rank", "in-flight", "served", "errors", "uptime", "heartbeat", "restarts"):
+            t.add_column(col, justify="right" if col in ("pid", "rank", "in-flight", "served", "errors", "restarts") else "left")
         for comp, v in components.items():
             if not v["workers"]:
-                t.add_row(comp, "—", "[red]no worker[/]", "", "", "", "", "", "", "", "")
+                t.add_row(comp, "—", "[red]no worker[/]", "", "", "", "", "", "", "", "", "")
             for w in v["workers"]:
                 color = {"ready": "green", "starting": "yellow", "draining": "yellow"}.get(w["state"], "red")
-                t.add_row(comp, w["name"], f"[{color}]{w['state']}[/]", str(w["host"]), str(w["pid"]), str(w["inflight"]),
+                t.add_row(comp, w["name"], f"[{color}]{w['state']}[/]", str(w["host"]), str(w["pid"]),
+                          "" if w["rank"] is None else str(w["rank"]), str(w["inflight"]),
                           str(w["served"]), str(w["errors"]), f"{w['uptime_s']:.0f}s", f"{w['heartbeat_age_s']:.1f}s", str(w["restarts"]))
         out.print(t)
         if problem:

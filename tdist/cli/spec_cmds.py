@@ -117,7 +117,7 @@ def plan(
     fmt: FormatChoice = typer.Option(FormatChoice.table, "--format", "-f",
                                      help="table: workers at a glance · json/yaml: the full plan (what workers read) · "
                                           "script: the exact command (srun/sbatch: a complete sbatch script)."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (logs, plan.json); default ./.tdist/<name>."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (logs, plan.json); default: where deploy puts it, $TDIST_HOME/runs/<name>."),
     plan_path: Optional[str] = typer.Option(None, "--plan-path", help="Where plan.json will be (default <run dir>/plan.json)."),
 ) -> None:
     """Show what `deploy` would start for GRAPH: every worker (rank, GPUs, ports, logs) and the launch command.
@@ -127,8 +127,11 @@ def plan(
     from tdist.plan import build_plan, emit_local, emit_mpirun, emit_sbatch
     from tdist.spec import load_graph
 
+    from tdist.launch.rundir import run_dir_for
+
     spec = load_graph(graph)
-    p = build_plan(spec, launcher=launcher.value, run_dir=str(run_dir) if run_dir else None)
+    # the same run directory `tdist deploy` uses, so the printed paths are the ones deploy runs
+    p = build_plan(spec, launcher=launcher.value, run_dir=str(run_dir or run_dir_for(spec.name)))
     path = plan_path or os.path.join(p.run_dir, "plan.json")
     out = _out()
     if fmt is FormatChoice.json:

@@ -67,6 +67,7 @@ class LocalSupervisor:
     extra_env: dict[str, str] = field(default_factory=dict)
     state: RunState = field(init=False)
     nats: NatsServer | None = field(init=False, default=None)
+    etcd: Any = field(init=False, default=None)  # embedded etcd (discovery: etcd, endpoints: embedded)
     _procs: list[_Proc] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -105,6 +106,7 @@ class LocalSupervisor:
                 except OSError:
                     pass
             self.state.nats_url = self.nats_url
+            self._ensure_etcd()
             self.state.save()
             for cfg in self.workers:
                 rec = WorkerRecord(name=cfg.name, component=cfg.component, log=cfg.log_path or str(self.run_dir / "logs" / f"{cfg.name}.log"))
@@ -122,6 +124,26 @@ class LocalSupervisor:
             raise
         self.state.state = "ready"
         self.state.save()
+
+    def _ensure_etcd(self) -> None:
+        """Endpoints for etcd discovery; starts an embedded etcd when the graph asks for one."""
+        from tdist.launch.etcd import ensure_etcd_for
+
+        self.etcd, endpoints = ensure_etcd_for(self.workers, self.run_dir)
+        if not endpoints:
+            return
+        self.state.etcd_endpoints = list(endpoints)
+        self.state.etcd_pid = self.etcd.process.pid if self.etcd is not None else None
+        self.extra_env["ETCD_ENDPOINTS"] = ",".join(endpoints)
+
+    def _discovery_config(self) -> Any:
+        """This deployment's discovery settings with the endpoints resolved (for our own reads)."""
+        if not self.workers:
+            return None
+        disc = self.workers[0].discovery
+        if disc.kind == "etcd" and not disc.etcd_endpoints and self.state.etcd_endpoints:
+            disc = disc.model_copy(update={"etcd_endpoints": list(self.state.etcd_endpoints)})
+        return disc
 
     def _spawn(self, proc: _Proc) -> None:
         cfg = proc.config
@@ -164,9 +186,7 @@ class LocalSupervisor:
     async def _wait_ready(self, progress: ProgressFn | None) -> None:
         from tdist.runtime.planes.request import RequestClient
 
-        client = await RequestClient.connect(
-            self.nats_url, self.deployment, discovery=self.workers[0].discovery if self.workers else None
-        )
+        client = await RequestClient.connect(self.nats_url, self.deployment, discovery=self._discovery_config())
         try:
             deadline = time.monotonic() + self.startup_timeout_s
             total = len(self._procs)
@@ -278,6 +298,8 @@ class LocalSupervisor:
                     p.log_fh = None
         if self.nats is not None:
             self.nats.stop()
+        if self.etcd is not None:
+            self.etcd.stop()
         self.state.state = final_state
         self.state.save()
 

@@ -33,6 +33,9 @@ from tdist.runtime.serve import OperatorHost
 log = logging.getLogger("tdist.worker")
 
 READY_LINE = "tdist worker ready"
+#: Signals that make a worker drain: SIGUSR2 too, because mpirun forwards it to every rank of a
+#: world (its SIGTERM kills the job about a second later, with no time to drain).
+DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 RANK_ENV = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
 LOCAL_RANK_ENV = ("OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID")
 
@@ -251,7 +254,7 @@ def _apply_placement(config: WorkerConfig) -> None:
 async def _amain(config: WorkerConfig) -> int:
     worker = Worker(config)
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in DRAIN_SIGNALS:
         loop.add_signal_handler(sig, worker.request_stop)
     return await worker.run()
 

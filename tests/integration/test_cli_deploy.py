@@ -135,3 +135,25 @@ def test_status_fails_when_a_component_has_no_ready_worker(cli_env: dict[str, st
         assert table.returncode == 1 and "no ready worker: decoder" in table.stderr
     finally:
         run(["stop"], cli_env)
+
+
+def test_local_deploy_with_embedded_etcd_discovery(cli_env: dict[str, str], tdist_home: Path, tmp_path: Path) -> None:
+    text = (REPO / "graphs" / "hello_world_python.yaml").read_text()
+    text = text.replace("discovery: nats", "discovery: {kind: etcd, etcd_endpoints: embedded}")
+    assert "kind: etcd" in text
+    text = text.replace('python_path: ["../examples', f'python_path: ["{REPO}/examples')
+    graph = tmp_path / "hello_etcd.yaml"
+    graph.write_text(text)
+    dep = run(["deploy", str(graph), "--detach", "--name", "hw-etcd"], cli_env)
+    try:
+        assert dep.returncode == 0, dep.stderr
+        state = RunState.load(tdist_home / "runs" / "hw-etcd" / "state.json")
+        assert state.discovery == "etcd" and state.etcd_endpoints and pid_alive(state.etcd_pid)
+        inf = run(["infer", "-c", "encoder_decoder", "-i", "input=[5,6]"], cli_env)
+        assert "output: [5, 6]" in inf.stdout, inf.stderr
+        st = run(["status", "--json"], cli_env)
+        assert st.returncode == 0 and not json.loads(st.stdout)["unhealthy"], st.stdout + st.stderr
+    finally:
+        stop = run(["stop"], cli_env)
+    assert stop.returncode == 0, stop.stderr
+    assert not pid_alive(state.etcd_pid)
