@@ -74,6 +74,22 @@ def to_trtllm_sampling(trt: Any, sampling: SamplingOptions) -> Any:
         raise BadRequest(f"invalid sampling parameters for TensorRT-LLM: {exc}") from None
 
 
+def trtllm_llm_args(trt: Any, engine_args: dict[str, Any]) -> dict[str, Any]:
+    """Engine args from the plan → `LLM(**kwargs)`.
+
+    The plan adds `gpu_fraction` (the share of each GPU this engine may use); TensorRT-LLM's
+    equivalent is `kv_cache_config.free_gpu_memory_fraction`.
+    """
+    args = dict(engine_args)
+    fraction = args.pop("gpu_fraction", None)
+    if fraction is not None and "kv_cache_config" not in args:
+        kv_cls = getattr(getattr(trt, "llmapi", None), "KvCacheConfig", None) or getattr(trt, "KvCacheConfig", None)
+        args["kv_cache_config"] = (
+            kv_cls(free_gpu_memory_fraction=float(fraction)) if kv_cls else {"free_gpu_memory_fraction": float(fraction)}
+        )
+    return args
+
+
 class TrtllmEngine(LLMEngine):
     """LLMEngine on tensorrt_llm.LLM (generate_async, streaming)."""
 
@@ -93,9 +109,11 @@ class TrtllmEngine(LLMEngine):
         if "model" not in self.engine_args:
             raise OperatorLoadError("TensorRT-LLM engine args need 'model' (HF checkpoint directory or engine directory)")
 
+        llm_args = trtllm_llm_args(self.trt, self.engine_args)
+
         def build() -> Any:
             try:
-                return self.trt.LLM(**self.engine_args)
+                return self.trt.LLM(**llm_args)
             except TypeError as exc:
                 raise OperatorLoadError(f"bad TensorRT-LLM engine args: {exc}") from None
             except Exception as exc:

@@ -115,8 +115,8 @@ def _fake_trtllm(delay_s: float = 0.0) -> types.ModuleType:
     class LLM:
         instances: list = []
 
-        def __init__(self, model: str, tensor_parallel_size: int = 1) -> None:
-            self.model, self.tp = model, tensor_parallel_size
+        def __init__(self, model: str, tensor_parallel_size: int = 1, kv_cache_config=None) -> None:
+            self.model, self.tp, self.kv = model, tensor_parallel_size, kv_cache_config
             self.aborted = 0
             self.calls: list = []
             self.shut = False
@@ -143,10 +143,11 @@ async def _collect(client: InProcessClient, **params):
 async def test_trtllm_adapter_streams_the_convention(monkeypatch) -> None:
     fake = _fake_trtllm()
     monkeypatch.setitem(sys.modules, "tensorrt_llm", fake)
-    op = _op(model="/m", tensor_parallel_size=2)
+    op = _op(model="/m", tensor_parallel_size=2, gpu_fraction=0.25)
     await op.start()
     llm = fake.LLM.instances[-1]
     assert (llm.model, llm.tp) == ("/m", 2)
+    assert llm.kv == {"free_gpu_memory_fraction": 0.25}  # the plan's gpu_fraction
     client = InProcessClient()
     client.add("llm.0", op)
     chunks = await _collect(client, prompt="a b c", max_tokens=3, temperature=0)
