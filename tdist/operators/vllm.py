@@ -205,10 +205,12 @@ class VllmEngine(LLMEngine):
 
     name = "vllm"
 
-    def __init__(self, engine_args: dict[str, Any], *, logger: Any = None, engine_nice: int | None = None) -> None:
+    def __init__(self, engine_args: dict[str, Any], *, logger: Any = None, engine_nice: int | None = None,
+                 cpu_bind: str | None = None) -> None:
         self.engine_args = dict(engine_args)
         self.logger = logger
         self.engine_nice = engine_nice
+        self.cpu_bind = cpu_bind
         self.llm: Any = None
         self.tokenizer: Any = None
         self.block_size: int | None = None
@@ -221,6 +223,12 @@ class VllmEngine(LLMEngine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = build_engine_args(self.engine_args)
+        if self.cpu_bind and _cpu_only() and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+            # vLLM's CPU auto-binding puts every engine of a host on the same cores (it knows of
+            # no other engine); the plan's cpu_ids (or parameters.cpu_bind) keep them apart.
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu_bind
+            if self.logger is not None:
+                self.logger.info("engine threads bound to CPUs %s", self.cpu_bind)
 
         def build() -> Any:
             try:
@@ -314,4 +322,18 @@ class VllmOperator(LLMEngineOperator):
 
     def create_engine(self) -> VllmEngine:
         nice = self.parameters.get("engine_nice")
-        return VllmEngine(self.engine_args, logger=self.logger, engine_nice=None if nice is None else int(nice))
+        return VllmEngine(self.engine_args, logger=self.logger, engine_nice=None if nice is None else int(nice),
+                          cpu_bind=cpu_bind_of(self.parameters.get("cpu_bind"), self.context.worker.cpu_ids,
+                                               self.context.worker.replica))
+
+
+def cpu_bind_of(param: Any, cpu_ids: list[int], replica: int) -> str | None:
+    """VLLM_CPU_OMP_THREADS_BIND for this engine: parameters.cpu_bind ("replica": core
+    replica % cores; or a list like "0-3"), else the worker's cpu_ids, else None (vLLM's auto)."""
+    if param == "replica":
+        return str(replica % (os.cpu_count() or 1))
+    if param not in (None, "", "auto"):
+        return str(param)
+    if cpu_ids:
+        return ",".join(str(c) for c in cpu_ids)
+    return None

@@ -159,3 +159,14 @@ def test_engine_processes_are_reniced(tmp_path) -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_cpu_bind_choice() -> None:
+    import os
+
+    from tdist.operators.vllm import cpu_bind_of
+
+    assert cpu_bind_of(None, [], 0) is None and cpu_bind_of("auto", [], 3) is None
+    assert cpu_bind_of(None, [2, 3], 0) == "2,3"
+    assert cpu_bind_of("0-3", [5], 1) == "0-3"
+    assert cpu_bind_of("replica", [], 5) == str(5 % (os.cpu_count() or 1))
