@@ -403,3 +403,19 @@ async def test_own_reference_in_the_same_plane(planes) -> None:
     got = await p.decode(await p.encode(a))
     assert same(got, a)
     del got
+
+
+async def test_concurrent_decodes_of_one_reference(planes) -> None:
+    """Misuse (one reference decoded twice at once in one process) stays safe: one wins, the
+    other gets a typed error, and the winner's view keeps its segment."""
+    prod, cons = await planes(lease_s=0.05), await planes()
+    wire = await prod.encode(np.full(1 << 16, 5.0))
+    got = await asyncio.gather(cons.decode(wire), cons.decode(wire), return_exceptions=True)
+    wins = [g for g in got if isinstance(g, np.ndarray)]
+    assert len(wins) == 1 and sum(isinstance(g, DataPlaneError) for g in got) == 1
+    await asyncio.sleep(0.1)
+    prod.reap()  # lease over, but the winner still holds the segment
+    other = await prod.encode(np.full(1 << 16, 9.0))
+    assert other["ref"]["shm"] != wire["ref"]["shm"] and (wins[0] == 5.0).all()
+    del got, wins
+    await prod.release(other)

@@ -35,7 +35,8 @@ class _Mapped:
     mm: mmap.mmap
     size: int
     held: bool = False  # a live view of ours owns the segment (and its lock)
-    doomed: bool = False  # unlinked or evicted while held: close when the view goes
+    taking: int = 0  # take() calls in progress (they may wait for the lock)
+    doomed: bool = False  # unlinked or evicted while in use: close when the last user goes
     last_used: float = 0.0
 
 
@@ -55,7 +56,7 @@ def _close_mapping(m: _Mapped) -> None:
     with _MAPS_LOCK:
         if _MAPS.get(m.name) is m:
             del _MAPS[m.name]
-    if m.held:
+    if m.held or m.taking:
         m.doomed = True
         return
     if m.fd >= 0:
@@ -77,6 +78,8 @@ def _mapping(name: str) -> _Mapped:
         raise _gone(name) from None
     try:
         size = os.fstat(fd).st_size
+        if size < HEADER:
+            raise _gone(name)
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except BaseException:
         os.close(fd)
@@ -123,9 +126,13 @@ def _release_view(m: _Mapped, token: bytes) -> None:
     finally:
         unlock(m.fd)
         m.held = False
-        if m.doomed:
-            m.doomed = False
-            _close_mapping(m)
+        _close_if_doomed(m)
+
+
+def _close_if_doomed(m: _Mapped) -> None:
+    if m.doomed and not m.held and not m.taking:
+        m.doomed = False
+        _close_mapping(m)
 
 
 async def take(name: str, token: bytes, nbytes: int, *, timeout_s: float = 5.0, lease_only: bool = False) -> np.ndarray:
@@ -133,21 +140,32 @@ async def take(name: str, token: bytes, nbytes: int, *, timeout_s: float = 5.0, 
     its producer when the view (and every array made from it) is garbage collected.
     lease_only: the segment is only a lease (CUDA IPC); the view is one header byte that
     holds it until dropped."""
+    m = _mapping(name)
+    m.taking += 1
+    try:
+        return await _take(m, name, token, nbytes, timeout_s, lease_only)
+    finally:
+        m.taking -= 1
+        _close_if_doomed(m)
+
+
+async def _take(m: _Mapped, name: str, token: bytes, nbytes: int, timeout_s: float, lease_only: bool) -> np.ndarray:
     import asyncio
 
-    m = _mapping(name)
     try:
         if os.fstat(m.fd).st_nlink == 0:
             raise OSError("unlinked")
     except OSError:
         _close_mapping(m)
         raise _gone(name) from None
-    if m.held:  # our own live view owns it: never touch its lock
-        got, state, _ = read_state(m.fd)
-        why = "was already read by another consumer" if got == token and state == TAKEN else "is released or expired"
-        raise DataPlaneError(f"tensor reference {why}", detail={"shm": name})
     deadline = time.monotonic() + timeout_s
     while True:
+        if m.held:  # a live view of ours owns it (flock is per open file: never touch that lock)
+            got, state, _ = read_state(m.fd)
+            why = "was already read by another consumer" if got == token and state == TAKEN else "is released or expired"
+            raise DataPlaneError(f"tensor reference {why}", detail={"shm": name})
+        if m.fd < 0:
+            raise _gone(name)
         locked = try_lock(m.fd)
         try:
             got, state, size = read_state(m.fd)
