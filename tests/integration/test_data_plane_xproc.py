@@ -310,6 +310,29 @@ async def test_ucx_reference_decoded_by_its_own_plane() -> None:
         await plane.close()
 
 
+def test_ucx_runtime_survives_an_unclosed_plane_on_a_closed_loop() -> None:
+    """Tests run one event loop each; a plane left open on a finished loop must not wedge UCX."""
+    _need("ucx")
+
+    async def leave_open() -> None:
+        plane = make_data_plane(_config("ucx"))
+        await plane.start()  # listener up, never closed
+
+    async def use() -> None:
+        prod, cons = make_data_plane(_config("ucx")), make_data_plane(_config("ucx"))
+        await prod.start()
+        await cons.start()
+        try:
+            wire = await prod.encode(make_array("float32:small"))
+            _assert_same(await cons.decode(wire), make_array("float32:small"))
+        finally:
+            await cons.close()
+            await prod.close()
+
+    asyncio.run(leave_open())
+    asyncio.run(use())
+
+
 async def test_read_twice_is_a_typed_error(producer: Producer, consumer) -> None:
     (wire,) = producer.encode("int32:small")
     got = await consumer.decode(wire)

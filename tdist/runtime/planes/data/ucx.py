@@ -79,8 +79,9 @@ class _Runtime:
     def acquire(cls, env: dict[str, str]) -> Any:
         loop = asyncio.get_running_loop()
         if cls.loop is not None and cls.loop is not loop:
-            if cls.users:
+            if cls.users and not cls.loop.is_closed():
                 raise DataPlaneError("UCX is in use by a data plane on another event loop of this process")
+            cls.users = 0  # planes of a closed loop are gone, closed or not
             cls._reset()
         if cls.loop is None:
             os.environ.update(env)
