@@ -28,7 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
-from tdist.errors import BadRequest, NoWorkerError, OperatorLoadError, RequestError, RequestTimeout, WorkerLost
+from tdist.errors import NoWorkerError, OperatorLoadError, RequestError, RequestTimeout, WorkerLost
 from tdist.operators.llm_common import parse_prompt
 from tdist.runtime.operator import Operator, OperatorContext, Request, current_client
 
@@ -279,11 +279,8 @@ class RouterOperator(Operator):
     # -- forwarding -----------------------------------------------------------------------------
 
     async def execute(self, request: Request) -> None:
-        try:
-            prompt = parse_prompt(request.parameters, request.inputs)
-            key = RouteKey(prompt.routing_key())
-        except BadRequest:
-            raise
+        prompt = parse_prompt(request.parameters, request.inputs)  # BadRequest before any routing
+        key = RouteKey(prompt.routing_key())
         tried: set[str] = set()
         last_error: RequestError | None = None
         for attempt in range(self.retries + 1):

@@ -310,6 +310,13 @@ class VllmEngine(LLMEngine):
         llm, self.llm = self.llm, None
         if llm is not None:
             t0 = time.monotonic()
+            handler = getattr(llm, "output_handler", None)
+            if handler is not None:  # stop reading outputs first: no "output_handler failed" at exit
+                handler.cancel()
+                try:
+                    await handler
+                except BaseException:
+                    pass
             await asyncio.to_thread(llm.shutdown)
             if self.logger is not None:
                 self.logger.info("vLLM engine shut down in %.1f s", time.monotonic() - t0)
