@@ -30,7 +30,8 @@ from tdist.runtime.tensors import as_array, dtype_name, numpy_dtype, tensor_from
 
 from . import cuda, segments, views
 from .refs import Ref, host_id, is_ref, process_alive, self_identity, ucx_uri
-from .ucx import Served, UcxClient, UcxServer, _Runtime, ucx_available, ucx_environment
+from .ucx import Served, UcxClient, UcxServer
+from .ucxenv import UcxRuntime, ucx_available, ucx_environment
 
 log = logging.getLogger("tdist.data")
 
@@ -107,7 +108,7 @@ class DataPlane:
             self._server = self._client = None
             if self._holds_ucx:
                 self._holds_ucx = False
-                _Runtime.release()
+                UcxRuntime.release()
             if self._pool is not None:
                 self._pool.close()
             self._entries.clear()
@@ -139,10 +140,10 @@ class DataPlane:
 
     def _ucxx(self) -> Any:
         if not self._holds_ucx:
-            module = _Runtime.acquire(self._ucx_env())
+            module = UcxRuntime.acquire(self._ucx_env())
             self._holds_ucx = True
             return module
-        return _Runtime.module
+        return UcxRuntime.module
 
     # -- encode ---------------------------------------------------------------------------
     async def encode(self, value: Any) -> dict[str, Any]:
