@@ -33,7 +33,7 @@ class DataPlaneConfig(_Frozen):
     """How tensors move between workers (issue: data plane)."""
 
     kind: Literal["auto", "inline", "ucx", "shm"] = Field("auto", description="auto picks shm on one host, UCX across hosts")
-    inline_threshold_bytes: int = Field(65536, description="Tensors up to this size travel inside the NATS message")
+    inline_threshold_bytes: int = Field(131072, description="Tensors up to this size travel inside the NATS message (128 KiB: where inline and shared memory break even through NATS, docs/benchmarks.md)")
     lease_s: float = Field(60.0, description="A stored tensor not released by its consumer is freed after this")
     ucx_env: dict[str, str] = Field(default_factory=dict, description="UCX_* settings (UCX_TLS, UCX_NET_DEVICES, ...)")
 

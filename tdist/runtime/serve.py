@@ -196,9 +196,11 @@ class OperatorHost:
             await _term(item.msg)
             return
         if w.is_cancelled(req.id):
+            await self._release_inputs(req.inputs)
             await _term(item.msg)
             return
         if req.expired():
+            await self._release_inputs(req.inputs)
             await self._publish_final_error(
                 req.reply, req.id, 0, RequestTimeout("deadline passed before a worker took the request", operator=self.name, request_id=req.id), item.attempt
             )
@@ -311,6 +313,14 @@ class OperatorHost:
             await self.worker.nc.publish(reply, payload)
         except Exception as exc:
             log.warning("could not send error for %s: %s", rid, exc)
+
+    async def _release_inputs(self, wires: dict[str, Any]) -> None:
+        """Free the producer's copies of tensors nobody will read (best effort; leases catch the rest)."""
+        for wire in wires.values():
+            try:
+                await self.worker.codec.release(wire)
+            except Exception as exc:
+                log.debug("release failed: %s", exc)
 
     def _count(self, status: str) -> None:
         if status == "ok":

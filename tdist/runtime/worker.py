@@ -122,7 +122,7 @@ class Worker:
         self.js = self.nc.jetstream()
         await ensure_stream(self.js, self.deployment)
         self.discovery = make_discovery(c.discovery, self.deployment, js=self.js)
-        self.codec = make_codec(c.data_plane, host=_host_address())
+        self.codec = make_codec(c.data_plane, host=_host_address(url))
         await self.codec.start()
         self.client = RequestClient(self.nc, self.deployment, config=c.request_plane, codec=self.codec, discovery=self.discovery)
         await self.client.start()
@@ -213,8 +213,26 @@ def _safe_stats(host: OperatorHost) -> dict[str, Any]:
         return {"error": str(exc)}
 
 
-def _host_address() -> str:
-    return os.environ.get("TDIST_HOST_ADDRESS", "127.0.0.1")
+def _host_address(nats_url: str | None = None) -> str:
+    """The address peers reach this worker's data plane on.
+
+    TDIST_HOST_ADDRESS wins. Otherwise, with a NATS server on another host, the local address of
+    the route to it (a UDP socket's connect sends nothing); on one host, loopback.
+    """
+    explicit = os.environ.get("TDIST_HOST_ADDRESS")
+    if explicit:
+        return explicit
+    from urllib.parse import urlparse
+
+    host = urlparse(nats_url).hostname if nats_url else None
+    if not host or host in ("localhost", "::1") or host.startswith("127."):
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, 4222))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
 
 
 def rank_from_env(env: dict[str, str] | None = None) -> int | None:

@@ -60,7 +60,7 @@ class DataPlaneSpec(SpecModel):
     kind: Literal["auto", "inline", "ucx", "shm"] = Field(
         "auto", description="auto: shared memory on one host, UCX across hosts; inline: always inside the message"
     )
-    inline_threshold_bytes: int = Field(65536, ge=0, description="Tensors up to this many bytes travel inline")
+    inline_threshold_bytes: int = Field(131072, ge=0, description="Tensors up to this many bytes travel inline")
     lease_s: float = Field(60.0, gt=0, description="Seconds a stored tensor waits for its consumer before it is freed")
     ucx_env: dict[str, str] = Field(default_factory=dict, description="UCX_* environment (UCX_TLS, UCX_NET_DEVICES, ...)")
 
