@@ -134,7 +134,7 @@ def _deploy_world_detached(plan: Any, run_dir: Path, startup_timeout_s: float) -
 
 
 def _deploy_world_foreground(plan: Any, run_dir: Path) -> None:
-    from tdist.launch.mpirun import make_world_supervisor
+    from tdist.launch.world import make_world_supervisor
 
     sup = make_world_supervisor(run_dir)
     sup.state.supervisor_pid = os.getpid()

@@ -1,0 +1,152 @@
+"""What both KServe protocols answer: the model list from discovery, and infer routed to operators.
+
+Protocol-independent so HTTP and gRPC give the same answers and errors; `client` is a
+RequestClient or a test fake with workers()/infer().
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import numpy as np
+
+from tdist.errors import BadRequest, NoWorkerError, RequestError, RequestTimeout
+from tdist.operators.frontends.kserve.codec import KServeError, bad, wire_parameters
+from tdist.runtime.operator import RemoteOperator
+
+SERVER_NAME = "tdist"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "model_repository", "parameters"]
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    kind: str = "python"
+    ready: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def versions(self) -> list[str]:
+        return [str(v) for v in self.metadata.get("versions") or ["1"]]
+
+    def metadata_json(self) -> dict[str, Any]:
+        md = self.metadata
+        return {
+            "name": self.name,
+            "versions": self.versions,
+            "platform": md.get("platform") or f"tdist_{self.kind}",
+            "inputs": [{"name": i["name"], "datatype": i["datatype"], "shape": [int(s) for s in i["shape"]]} for i in md.get("inputs", [])],
+            "outputs": [{"name": o["name"], "datatype": o["datatype"], "shape": [int(s) for s in o["shape"]]} for o in md.get("outputs", [])],
+        }
+
+    def config_json(self) -> dict[str, Any]:
+        if self.config:
+            return dict(self.config, name=self.name)
+        return {"name": self.name, "platform": f"tdist_{self.kind}", "max_batch_size": 0, "input": [], "output": []}
+
+
+@dataclass
+class InferResult:
+    model: str
+    version: str
+    outputs: dict[str, np.ndarray]
+    parameters: dict[str, Any]
+
+
+class KServeCore:
+    """What both protocols answer; `client` is a RequestClient (or a fake with workers()/infer())."""
+
+    def __init__(self, client: Any, *, known: list[str] | None = None, timeout_s: float = 60.0, exclude: list[str] | None = None) -> None:
+        self.client = client
+        self.known = set(known or [])
+        self.exclude = set(exclude or [])
+        self.timeout_s = timeout_s
+        self.started_at = time.time()
+        self.requests = 0
+        self.errors = 0
+
+    async def models(self) -> dict[str, ModelInfo]:
+        out: dict[str, ModelInfo] = {n: ModelInfo(n) for n in self.known if n not in self.exclude}
+        entries = await self.client.workers()
+        for entry in entries.values():
+            kinds = entry.get("kinds", {})
+            per_op = entry.get("per_operator", {})
+            for name in entry.get("operators", []):
+                kind = kinds.get(name, "python")
+                if kind == "frontend" or name in self.exclude:
+                    continue
+                info = out.setdefault(name, ModelInfo(name, kind))
+                info.kind = kind
+                stats = (per_op.get(name) or {}).get("stats") or {}
+                if stats.get("model_metadata") and not info.metadata:
+                    info.metadata = dict(stats["model_metadata"])
+                if stats.get("model_config") and not info.config:
+                    info.config = dict(stats["model_config"])
+                info.ready = info.ready or entry.get("state") == "ready"
+        self.known.update(n for n in out)  # once seen, a model gone missing answers 503, not 404
+        return out
+
+    async def model(self, name: str, version: str | None = None) -> ModelInfo:
+        info = (await self.models()).get(name)
+        if info is None:
+            raise KServeError(404, "NOT_FOUND", f"Request for unknown model: '{name}' is not found")
+        if version and info.metadata and version not in info.versions:
+            raise KServeError(404, "NOT_FOUND", f"Request for unknown model: '{name}' version {version} is not found")
+        return info
+
+    async def infer_stream(
+        self, name: str, version: str | None, inputs: dict[str, np.ndarray], parameters: dict[str, Any], request_id: str | None
+    ) -> AsyncIterator[InferResult]:
+        """Every response of the operator (partials, then the final), as KServe results."""
+        info = await self.model(name, version)
+        self.requests += 1
+        timeout_s = float(parameters.pop("timeout_s", self.timeout_s))
+        if "timeout" in parameters:  # KServe/Triton request parameter, in microseconds
+            try:
+                timeout_s = float(parameters.pop("timeout")) / 1e6
+            except (TypeError, ValueError):
+                raise bad("request parameter 'timeout' must be microseconds (a number)") from None
+        try:
+            async for resp in RemoteOperator(name, client=self.client).async_infer(inputs, parameters, timeout_s=timeout_s):
+                outs = {k: (v if isinstance(v, np.ndarray) else np.asarray(v)) for k, v in resp.outputs.items()}
+                yield InferResult(name, version or info.versions[-1], outs, wire_parameters(resp.parameters))
+        except KServeError:
+            self.errors += 1
+            raise
+        except NoWorkerError as exc:
+            self.errors += 1
+            raise KServeError(503, "UNAVAILABLE", exc.render()) from None
+        except BadRequest as exc:
+            self.errors += 1
+            raise KServeError(400, "INVALID_ARGUMENT", exc.render()) from None
+        except RequestTimeout as exc:
+            self.errors += 1
+            raise KServeError(504, "DEADLINE_EXCEEDED", exc.render()) from None
+        except RequestError as exc:
+            self.errors += 1
+            raise KServeError(500, "INTERNAL", exc.render()) from None
+
+    async def infer(self, name: str, version: str | None, inputs: dict[str, np.ndarray], parameters: dict[str, Any], request_id: str | None) -> InferResult:
+        """Non-streaming: outputs of all responses merged (later ones win), the final's parameters."""
+        merged: InferResult | None = None
+        async for r in self.infer_stream(name, version, inputs, parameters, request_id):
+            if merged is None:
+                merged = r
+            else:
+                merged.outputs.update(r.outputs)
+                merged.parameters.update(r.parameters)
+        assert merged is not None
+        return merged
+
+
+def select_outputs(result: InferResult, requested: list[str]) -> dict[str, np.ndarray]:
+    if not requested:
+        return result.outputs
+    missing = [n for n in requested if n not in result.outputs]
+    if missing:
+        raise bad(f"model '{result.model}' has no output(s) {missing}; it returned {sorted(result.outputs)}")
+    return {n: result.outputs[n] for n in requested}
