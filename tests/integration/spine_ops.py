@@ -101,3 +101,14 @@ class StreamThenSleep(_Reporting):
         await self.event("streamed", request, attempt=request.attempt)
         await asyncio.sleep(float(request.parameters.get("sleep_s", 30)))
         await request.send(final=True)
+
+
+class Words(_Reporting):
+    """Streams the prompt back word by word as `text` deltas (what LLM operators do with tokens)."""
+
+    async def execute(self, request: Request) -> None:
+        words = str(request.parameters.get("prompt", "")).split()
+        limit = int(request.parameters.get("max_tokens", len(words)))
+        for w in words[:limit]:
+            await request.send(parameters={"text": w + " "})
+        await request.send(parameters={"text": "", "finish_reason": "length"}, final=True)

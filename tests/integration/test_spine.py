@@ -257,3 +257,17 @@ async def test_hello_world_moves_a_64_mib_intermediate_by_reference(deploy, kind
         np.testing.assert_array_equal(r.outputs["output"], x)
     enc = await anext(d.client.infer("encoder", inputs={"input": x[:4]}, timeout_s=60))
     assert enc.outputs["output"].shape == (32, 1024)
+
+
+async def test_cli_prompt_streams_text_as_it_arrives(deploy, nats_server) -> None:
+    import subprocess
+    import sys
+
+    dep = unique_name("words")
+    await deploy([worker_config(dep, "words", [op("words", "Words")])])
+    args = [sys.executable, "-m", "tdist", "infer", "--nats-url", nats_server.url, "--name", dep,
+            "--component", "words", "--prompt", "Describe the capital of France", "--max-tokens", "3"]
+    res = await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "Describe the capital"
+    assert "4 chunk(s)" in res.stderr
