@@ -1,7 +1,7 @@
 """`tdist deploy --launcher mpirun|srun|sbatch` and `tdist stop` of such a deployment.
 
 Called by tdist/cli/runtime_cmds.py (`deploy_world`, `stop_world`); the work is in
-tdist/launch/mpirun.py (world supervisor) and tdist/launch/slurm.py (sbatch, squeue, scancel).
+tdist/launch/world.py (world supervisor; `python -m tdist.launch.mpirun` runs it) and tdist/launch/slurm.py (sbatch, squeue, scancel).
 `--dry-run` prints exactly what `tdist plan GRAPH --launcher L --format script` prints for the
 same run directory: the mpirun/srun argv, or the complete sbatch script.
 """

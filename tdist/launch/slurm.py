@@ -1,7 +1,7 @@
 """Slurm for `--launcher sbatch` (submit the plan's batch script) and the srun world step.
 
 srun: one `srun --mpi=pmix ... python -m tdist.runtime.worker --plan plan.json` step whose tasks
-pick `workers[SLURM_PROCID]`, run by the world supervisor (launch/mpirun.py); outside an
+pick `workers[SLURM_PROCID]`, run by the world supervisor (launch/world.py); outside an
 allocation srun asks for one. To drain it, `scancel --signal=TERM <job>.<step>` (`find_step`,
 `signal_step`): SIGTERM to srun itself would cancel the step and SIGKILL the tasks.
 sbatch: the script text comes from `tdist.plan.emit_sbatch`; we write it to `<run>/job.sbatch`,
