@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from test_llm_harness import InProcessClient, make_context
+try:  # tests/unit is a rootdir-less test folder; also importable as a package
+    from test_llm_harness import InProcessClient, make_context
+except ImportError:  # pragma: no cover
+    from tests.unit.test_llm_harness import InProcessClient, make_context
 from tdist.errors import BadRequest, OperatorLoadError
 from tdist.operators.trtllm import TrtllmOperator
 from tdist.runtime.loader import load_operator_class

@@ -9,7 +9,10 @@ import aiohttp
 import openai
 import pytest
 
-from test_llm_harness import FakeLLM, InProcessClient, make_context
+try:  # tests/unit is a rootdir-less test folder; also importable as a package
+    from test_llm_harness import FakeLLM, InProcessClient, make_context
+except ImportError:  # pragma: no cover
+    from tests.unit.test_llm_harness import FakeLLM, InProcessClient, make_context
 from tdist.errors import OperatorLoadError
 from tdist.operators.frontends.openai import OpenAIFrontend, api_error_of
 from tdist.operators.router import RouterOperator

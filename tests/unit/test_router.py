@@ -7,7 +7,10 @@ from collections import Counter
 
 import pytest
 
-from test_llm_harness import FakeLLM, InProcessClient, make_context
+try:  # tests/unit is a rootdir-less test folder; also importable as a package
+    from test_llm_harness import FakeLLM, InProcessClient, make_context
+except ImportError:  # pragma: no cover
+    from tests.unit.test_llm_harness import FakeLLM, InProcessClient, make_context
 from tdist.errors import BadRequest, NoWorkerError, OperatorError, OperatorLoadError
 from tdist.operators.router import (
     Candidate,
