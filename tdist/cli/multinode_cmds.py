@@ -13,7 +13,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -134,43 +133,19 @@ def _deploy_world_detached(plan: Any, run_dir: Path, startup_timeout_s: float) -
 
 
 def _deploy_world_foreground(plan: Any, run_dir: Path) -> None:
+    from tdist.cli.runtime_cmds import run_foreground
     from tdist.launch.world import make_world_supervisor
 
     sup = make_world_supervisor(run_dir)
     sup.state.supervisor_pid = os.getpid()
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        with err.status(f"starting {plan.deployment} ({plan.launcher})") as status:
-            def progress(ready: int, total: int, waiting: str) -> None:
-                status.update(f"starting {plan.deployment}: {ready}/{total} workers ready" + (f" (waiting: {waiting})" if waiting else ""))
-
-            await sup.start(progress)
-        _print_world(sup.state)
-        out.print("serving; Ctrl-C (or `tdist stop`) stops everything")
-        await sup.supervise(stop)
-        with err.status("stopping: ending the world"):
-            await sup.stop()
-        out.print(f"stopped {plan.deployment}")
-
-    asyncio.run(main())
+    run_foreground(sup, plan.deployment, starting=f"starting {plan.deployment} ({plan.launcher})",
+                   stopping="stopping: ending the world")
 
 
 def _print_world(state: Any) -> None:
-    from rich.table import Table
+    from tdist.cli.runtime_cmds import print_deployed
 
-    t = Table(title=f"deployment {state.deployment} ready ({state.launcher})", title_justify="left")
-    for col in ("component", "worker", "pid", "log"):
-        t.add_column(col)
-    for w in state.workers.values():
-        t.add_row(w.component, w.name, str(w.pid), w.log or "")
-    out.print(t)
-    out.print(f"request plane: {state.nats_url}" + (" (embedded)" if state.nats_embedded else ""))
-    if state.job_id:
-        out.print(f"{'job' if state.launcher != 'mpirun' else 'mpirun pid'}: {state.job_id}")
+    print_deployed(state)
 
 
 # ---- sbatch -----------------------------------------------------------------------------------

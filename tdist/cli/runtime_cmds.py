@@ -133,43 +133,51 @@ def _deploy_detached(run_dir: Path, plan: Any, startup_timeout_s: float) -> None
                 status.update(f"starting {plan.deployment}: {running}/{total} workers started, waiting for ready")
             time.sleep(0.1)
     state = RunState.load(run_dir / "state.json")
-    _print_deployed(state)
+    print_deployed(state)
     out.print(f"detached (supervisor pid {proc.pid}); run dir {run_dir}\n  tdist status · tdist infer --component NAME ... · tdist stop")
 
 
 def _deploy_foreground(run_dir: Path, plan: Any) -> None:
     from tdist.launch.supervisor import supervisor_from_run_dir
 
-    sup = supervisor_from_run_dir(run_dir)
+    run_foreground(supervisor_from_run_dir(run_dir), plan.deployment, starting=f"starting {plan.deployment}")
+
+
+def run_foreground(sup: Any, deployment: str, *, starting: str, stopping: str = "stopping: draining workers") -> None:
+    """Start a supervisor (local or world) with progress, serve until Ctrl-C / SIGTERM, then tear down."""
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        with err.status(f"starting {plan.deployment}") as status:
+        with err.status(starting) as status:
             def progress(ready: int, total: int, waiting: str) -> None:
-                status.update(f"starting {plan.deployment}: {ready}/{total} workers ready" + (f" (waiting: {waiting})" if waiting else ""))
+                status.update(f"starting {deployment}: {ready}/{total} workers ready" + (f" (waiting: {waiting})" if waiting else ""))
 
             await sup.start(progress)
-        _print_deployed(sup.state)
+        print_deployed(sup.state)
         out.print("serving; Ctrl-C (or `tdist stop`) stops everything")
         await sup.supervise(stop)
-        with err.status("stopping: draining workers"):
+        with err.status(stopping):
             await sup.stop()
-        out.print(f"stopped {plan.deployment}")
+        out.print(f"stopped {deployment}")
 
     asyncio.run(main())
 
 
-def _print_deployed(state: Any) -> None:
-    t = Table(title=f"deployment {state.deployment} ready", title_justify="left")
+def print_deployed(state: Any) -> None:
+    """The table `deploy` prints once every worker is ready (any launcher)."""
+    launcher = f" ({state.launcher})" if state.launcher != "local" else ""
+    t = Table(title=f"deployment {state.deployment} ready{launcher}", title_justify="left")
     for col in ("component", "worker", "pid", "log"):
         t.add_column(col)
     for w in state.workers.values():
         t.add_row(w.component, w.name, str(w.pid), w.log or "")
     out.print(t)
     out.print(f"request plane: {state.nats_url}" + (" (embedded)" if state.nats_embedded else ""))
+    if state.job_id:
+        out.print(f"{'job' if state.launcher != 'mpirun' else 'mpirun pid'}: {state.job_id}")
 
 
 # ---- connecting to a deployment ----------------------------------------------------------------

@@ -109,11 +109,7 @@ class LocalSupervisor:
             self._ensure_etcd()
             self.state.save()
             for cfg in self.workers:
-                rec = WorkerRecord(name=cfg.name, component=cfg.component, log=cfg.log_path or str(self.run_dir / "logs" / f"{cfg.name}.log"))
-                self.state.workers[cfg.name] = rec
-                proc = _Proc(cfg, rec)
-                self._procs.append(proc)
-                self._spawn(proc)
+                self._add_worker(cfg)
             self.state.save()
             await self._wait_ready(progress)
         except BaseException as exc:
@@ -144,6 +140,14 @@ class LocalSupervisor:
         if disc.kind == "etcd" and not disc.etcd_endpoints and self.state.etcd_endpoints:
             disc = disc.model_copy(update={"etcd_endpoints": list(self.state.etcd_endpoints)})
         return disc
+
+    def _add_worker(self, cfg: WorkerConfig) -> None:
+        """Record a worker in the run state and start its process."""
+        rec = WorkerRecord(name=cfg.name, component=cfg.component, log=cfg.log_path or str(self.run_dir / "logs" / f"{cfg.name}.log"))
+        self.state.workers[cfg.name] = rec
+        proc = _Proc(cfg, rec)
+        self._procs.append(proc)
+        self._spawn(proc)
 
     def _spawn(self, proc: _Proc) -> None:
         cfg = proc.config

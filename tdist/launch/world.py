@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tdist.errors import LaunchError
-from tdist.launch.local import LocalSupervisor, _Proc, tail_file
+from tdist.launch.local import LocalSupervisor, tail_file
 from tdist.launch.mpirun import RankLogDemux, _signal, find_mpirun, stop_pid, world_env
 from tdist.launch.nats import start_nats
 from tdist.launch.rundir import WorkerRecord
@@ -108,12 +108,7 @@ class WorldSupervisor(LocalSupervisor):
 
             # Service workers (routers, frontends) as local processes beside NATS.
             for w in plan.service_workers:
-                rec = WorkerRecord(name=w.name, component=w.component,
-                                   log=w.log_path or str(self.run_dir / "logs" / f"{w.name}.log"))
-                self.state.workers[w.name] = rec
-                proc = _Proc(w, rec)
-                self._procs.append(proc)
-                self._spawn(proc)
+                self._add_worker(w)
             self.state.save()
             await self._wait_world_ready(progress)
         except BaseException as exc:
