@@ -96,40 +96,10 @@ def deploy_world(
 
 
 def _deploy_world_detached(plan: Any, run_dir: Path, startup_timeout_s: float) -> None:
-    from tdist.launch.rundir import RunState
+    from tdist.cli.runtime_cmds import start_detached
 
-    sup_log = run_dir / "logs" / "supervisor.log"
-    with open(sup_log, "ab") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tdist.launch.mpirun", "--run-dir", str(run_dir)],
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    total = len(plan.workers)
-    deadline = time.monotonic() + startup_timeout_s + 30
-    with err.status(f"starting {plan.deployment} ({plan.launcher}, {plan.world_size} ranks)") as status:
-        while True:
-            state = None
-            try:
-                state = RunState.load(run_dir / "state.json")
-            except (OSError, ValueError, TypeError):
-                pass
-            if state is not None and state.state == "ready":
-                break
-            if state is not None and state.state == "failed":
-                raise LaunchError(f"deployment {plan.deployment} failed to start: {state.error}")
-            if proc.poll() is not None:
-                raise LaunchError(
-                    f"world supervisor exited with code {proc.returncode}" + (f": {state.error}" if state and state.error else ""),
-                    log_tail="\n".join(sup_log.read_text(errors="replace").splitlines()[-15:]), log_path=str(sup_log),
-                )
-            if time.monotonic() > deadline:
-                proc.terminate()
-                raise LaunchError(f"deployment {plan.deployment} not ready in time", log_path=str(run_dir / "logs"))
-            if state is not None:
-                status.update(f"starting {plan.deployment} ({plan.launcher}): waiting for {total} workers to be ready")
-            time.sleep(0.1)
-    _print_world(RunState.load(run_dir / "state.json"))
-    out.print(f"detached (supervisor pid {proc.pid}); run dir {run_dir}\n  tdist status · tdist infer --component NAME ... · tdist stop")
+    start_detached(run_dir, plan, "tdist.launch.mpirun", startup_timeout_s,
+                   label=f"{plan.deployment} ({plan.launcher}, {plan.world_size} ranks)")
 
 
 def _deploy_world_foreground(plan: Any, run_dir: Path) -> None:

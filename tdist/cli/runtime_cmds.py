@@ -99,16 +99,26 @@ def deploy(
 
 
 def _deploy_detached(run_dir: Path, plan: Any, startup_timeout_s: float) -> None:
+    start_detached(run_dir, plan, "tdist.launch.supervisor", startup_timeout_s, label=plan.deployment)
+
+
+def start_detached(run_dir: Path, plan: Any, module: str, startup_timeout_s: float, *, label: str) -> None:
+    """Run `python -m MODULE --run-dir RUN_DIR` as a detached supervisor; return once it reports ready.
+
+    Progress comes from the supervisor's state.json; a supervisor that dies or reports `failed`
+    becomes a LaunchError with its log tail.
+    """
     from tdist.launch.rundir import RunState
 
-    log = open(run_dir / "logs" / "supervisor.log", "ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tdist.launch.supervisor", "--run-dir", str(run_dir)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    sup_log = run_dir / "logs" / "supervisor.log"
+    with open(sup_log, "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, "--run-dir", str(run_dir)],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     total = len(plan.workers)
     deadline = time.monotonic() + startup_timeout_s + 30
-    with err.status(f"starting {plan.deployment}: 0/{total} workers ready") as status:
+    with err.status(f"starting {label}: 0/{total} workers ready") as status:
         while True:
             state = None
             try:
@@ -120,20 +130,18 @@ def _deploy_detached(run_dir: Path, plan: Any, startup_timeout_s: float) -> None
             if state is not None and state.state == "failed":
                 raise LaunchError(f"deployment {plan.deployment} failed to start: {state.error}")
             if proc.poll() is not None:
-                tail = (run_dir / "logs" / "supervisor.log").read_text(errors="replace").splitlines()[-15:]
                 raise LaunchError(
                     f"supervisor exited with code {proc.returncode}" + (f": {state.error}" if state and state.error else ""),
-                    log_tail="\n".join(tail), log_path=str(run_dir / "logs" / "supervisor.log"),
+                    log_tail="\n".join(sup_log.read_text(errors="replace").splitlines()[-15:]), log_path=str(sup_log),
                 )
             if time.monotonic() > deadline:
                 proc.terminate()
                 raise LaunchError(f"deployment {plan.deployment} not ready in time", log_path=str(run_dir / "logs"))
             if state is not None:
                 running = sum(1 for w in state.workers.values() if w.state == "running")
-                status.update(f"starting {plan.deployment}: {running}/{total} workers started, waiting for ready")
+                status.update(f"starting {label}: {running}/{total} workers started, waiting for ready")
             time.sleep(0.1)
-    state = RunState.load(run_dir / "state.json")
-    print_deployed(state)
+    print_deployed(RunState.load(run_dir / "state.json"))
     out.print(f"detached (supervisor pid {proc.pid}); run dir {run_dir}\n  tdist status · tdist infer --component NAME ... · tdist stop")
 
 

@@ -94,24 +94,9 @@ class LocalSupervisor:
     # ---- start ------------------------------------------------------------------------------
 
     async def start(self, progress: ProgressFn | None = None) -> None:
-        """Start NATS (if embedded) and every worker; return once all are ready."""
+        """Start everything; return once all workers are ready. On failure: record why, tear down, raise."""
         try:
-            if self.nats_url is None:
-                self.nats = start_nats(work_dir=str(self.run_dir / "nats"))
-                self.nats_url = self.nats.url
-                self.state.nats_pid = self.nats.pid
-                self.state.nats_embedded = True
-                try:
-                    os.symlink(self.nats.log_path, self.run_dir / "logs" / "nats-server.log")
-                except OSError:
-                    pass
-            self.state.nats_url = self.nats_url
-            self._ensure_etcd()
-            self.state.save()
-            for cfg in self.workers:
-                self._add_worker(cfg)
-            self.state.save()
-            await self._wait_ready(progress)
+            await self._start_processes(progress)
         except BaseException as exc:
             self.state.state = "failed"
             self.state.error = exc.render() if isinstance(exc, LaunchError) else f"{type(exc).__name__}: {exc}"
@@ -121,11 +106,30 @@ class LocalSupervisor:
         self.state.state = "ready"
         self.state.save()
 
-    def _ensure_etcd(self) -> None:
+    async def _start_processes(self, progress: ProgressFn | None) -> None:
+        """Start NATS (if embedded), etcd (if asked) and every worker; wait until all are ready."""
+        if self.nats_url is None:
+            self.nats = start_nats(work_dir=str(self.run_dir / "nats"))
+            self.nats_url = self.nats.url
+            self.state.nats_pid = self.nats.pid
+            self.state.nats_embedded = True
+            try:
+                os.symlink(self.nats.log_path, self.run_dir / "logs" / "nats-server.log")
+            except OSError:
+                pass
+        self.state.nats_url = self.nats_url
+        self._ensure_etcd()
+        self.state.save()
+        for cfg in self.workers:
+            self._add_worker(cfg)
+        self.state.save()
+        await self._wait_ready(progress)
+
+    def _ensure_etcd(self, host: str = "127.0.0.1", advertise_host: str | None = None) -> None:
         """Endpoints for etcd discovery; starts an embedded etcd when the graph asks for one."""
         from tdist.launch.etcd import ensure_etcd_for
 
-        self.etcd, endpoints = ensure_etcd_for(self.workers, self.run_dir)
+        self.etcd, endpoints = ensure_etcd_for(self.workers, self.run_dir, host=host, advertise_host=advertise_host)
         if not endpoints:
             return
         self.state.etcd_endpoints = list(endpoints)

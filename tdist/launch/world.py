@@ -57,68 +57,54 @@ class WorldSupervisor(LocalSupervisor):
             return emit_mpirun(self.plan, self.plan_path)
         return emit_srun(self.plan, self.plan_path)
 
-    async def start(self, progress: Any = None) -> None:
+    async def _start_processes(self, progress: Any = None) -> None:
+        """NATS/etcd bound for the world's nodes, the world (one mpirun/srun), service workers beside it."""
         plan = self.plan
-        try:
-            host = os.environ.get("TDIST_BIND_HOST") or ("0.0.0.0" if plan.nodes > 1 else "127.0.0.1")
-            advertise = os.uname().nodename if host == "0.0.0.0" else host
-            if self.nats_url is None:
-                self.nats = start_nats(work_dir=str(self.run_dir / "nats"), host=host)
-                self.nats_url = f"nats://{advertise}:{self.nats.port}"
-                self.state.nats_pid = self.nats.pid
-                self.state.nats_embedded = True
-            self.state.nats_url = self.nats_url
-            from tdist.launch.etcd import ensure_etcd_for
-
-            self.etcd, etcd_eps = ensure_etcd_for(self.workers, self.run_dir, host=host, advertise_host=advertise)
-            if etcd_eps:
-                self.state.etcd_endpoints = etcd_eps
-                self.state.etcd_pid = self.etcd.process.pid if self.etcd else None
-                os.environ["ETCD_ENDPOINTS"] = ",".join(etcd_eps)  # our own discovery client
-                self.extra_env["ETCD_ENDPOINTS"] = ",".join(etcd_eps)  # service workers
-            self.state.save()
-
-            # The world: one mpirun/srun process, argv exactly as `tdist plan` shows it.
-            argv = self.world_argv()
-            if self.launcher == "mpirun":
-                find_mpirun()
-            else:
-                from tdist.launch.slurm import find_slurm_command
-
-                find_slurm_command("srun")
-            env = world_env(self.launcher, nats_url=self.nats_url, etcd_endpoints=etcd_eps, extra=self.extra_env)
-            launcher_log = self.run_dir / "logs" / f"{self.launcher}.log"
-            self.world = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                env=env, cwd=str(self.run_dir), start_new_session=True,
-            )
-            rank_logs = {
-                i: (w.log_path or str(self.run_dir / "logs" / f"{w.name}.log"))
-                for i, w in enumerate(plan.world_workers)
-            }
-            self.demux = RankLogDemux(self.world.stdout, self.launcher, launcher_log, rank_logs).start()
-            self.state.job_id = env.get("SLURM_JOB_ID") if self.launcher == "srun" else str(self.world.pid)
-            self.state.extra.update({"world_pid": self.world.pid, "world_argv": argv, "launcher_log": str(launcher_log),
-                                     "world_size": plan.world_size})
-            for i, w in enumerate(plan.world_workers):
-                self.state.workers[w.name] = WorkerRecord(name=w.name, component=w.component, pid=None,
-                                                          log=rank_logs[i], state="running")
-            if env.get("SLURM_CONF"):
-                self.state.extra["slurm_conf"] = env["SLURM_CONF"]
-
-            # Service workers (routers, frontends) as local processes beside NATS.
-            for w in plan.service_workers:
-                self._add_worker(w)
-            self.state.save()
-            await self._wait_world_ready(progress)
-        except BaseException as exc:
-            self.state.state = "failed"
-            self.state.error = exc.render() if isinstance(exc, LaunchError) else f"{type(exc).__name__}: {exc}"
-            self.state.save()
-            await self.stop(final_state="failed")
-            raise
-        self.state.state = "ready"
+        host = os.environ.get("TDIST_BIND_HOST") or ("0.0.0.0" if plan.nodes > 1 else "127.0.0.1")
+        advertise = os.uname().nodename if host == "0.0.0.0" else host
+        if self.nats_url is None:
+            self.nats = start_nats(work_dir=str(self.run_dir / "nats"), host=host)
+            self.nats_url = f"nats://{advertise}:{self.nats.port}"
+            self.state.nats_pid = self.nats.pid
+            self.state.nats_embedded = True
+        self.state.nats_url = self.nats_url
+        self._ensure_etcd(host=host, advertise_host=advertise)
+        etcd_eps = list(self.state.etcd_endpoints)
         self.state.save()
+
+        # The world: one mpirun/srun process, argv exactly as `tdist plan` shows it.
+        argv = self.world_argv()
+        if self.launcher == "mpirun":
+            find_mpirun()
+        else:
+            from tdist.launch.slurm import find_slurm_command
+
+            find_slurm_command("srun")
+        env = world_env(self.launcher, nats_url=self.nats_url, etcd_endpoints=etcd_eps, extra=self.extra_env)
+        launcher_log = self.run_dir / "logs" / f"{self.launcher}.log"
+        self.world = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=env, cwd=str(self.run_dir), start_new_session=True,
+        )
+        rank_logs = {
+            i: (w.log_path or str(self.run_dir / "logs" / f"{w.name}.log"))
+            for i, w in enumerate(plan.world_workers)
+        }
+        self.demux = RankLogDemux(self.world.stdout, self.launcher, launcher_log, rank_logs).start()
+        self.state.job_id = env.get("SLURM_JOB_ID") if self.launcher == "srun" else str(self.world.pid)
+        self.state.extra.update({"world_pid": self.world.pid, "world_argv": argv, "launcher_log": str(launcher_log),
+                                 "world_size": plan.world_size})
+        for i, w in enumerate(plan.world_workers):
+            self.state.workers[w.name] = WorkerRecord(name=w.name, component=w.component, pid=None,
+                                                      log=rank_logs[i], state="running")
+        if env.get("SLURM_CONF"):
+            self.state.extra["slurm_conf"] = env["SLURM_CONF"]
+
+        # Service workers (routers, frontends) as local processes beside NATS.
+        for w in plan.service_workers:
+            self._add_worker(w)
+        self.state.save()
+        await self._wait_world_ready(progress)
 
     def _world_failure(self) -> LaunchError | None:
         if self.world is None or self.world.poll() is None:
@@ -135,7 +121,7 @@ class WorldSupervisor(LocalSupervisor):
     async def _wait_world_ready(self, progress: Any) -> None:
         from tdist.runtime.planes.request import RequestClient
 
-        client = await RequestClient.connect(self.nats_url, self.deployment, discovery=self.workers[0].discovery)
+        client = await RequestClient.connect(self.nats_url, self.deployment, discovery=self._discovery_config())
         try:
             deadline = time.monotonic() + self.startup_timeout_s
             names = set(self.state.workers)
