@@ -236,7 +236,8 @@ def _cli(args: list[str], env: dict[str, str], timeout: float = 600) -> str:
     return proc.stdout
 
 
-def write_graph(path: Path, name: str, model: Path, engine_args: dict[str, Any], workers: int) -> None:
+def write_graph(path: Path, name: str, model: Path, engine_args: dict[str, Any], workers: int,
+                engine_cpus: str | None = None) -> None:
     import yaml
 
     g = yaml.safe_load((REPO / "graphs" / "llm_vllm_monolith.yaml").read_text())
@@ -245,6 +246,8 @@ def write_graph(path: Path, name: str, model: Path, engine_args: dict[str, Any],
     g["llm"]["engine_args"] = {k: v for k, v in engine_args.items() if k != "model"}
     g["llm"]["servers"]["num_instances"] = workers
     g["llm"]["servers"]["max_inflight_requests"] = 64
+    if engine_cpus:
+        g.setdefault("env", {})["VLLM_CPU_OMP_THREADS_BIND"] = engine_cpus
     for op in g["operators"]:
         if op["name"] == "frontend":
             op["host"], op["port"] = "127.0.0.1", 0
@@ -318,6 +321,9 @@ def main() -> int:
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1, help="vLLM workers in the deployment")
     ap.add_argument("--skip-direct", action="store_true")
+    ap.add_argument("--engine-cpus", default=None,
+                    help='pin the deployed engines (EngineCore and model threads) to these CPUs, e.g. "0": '
+                         "leaves the other cores to the message bus and the workers")
     ap.add_argument("--nats-nice", type=int, default=None,
                     help="renice the deployment's nats-server to this niceness (e.g. -10; needs root): "
                          "shows how much of the streaming delay is the message bus starved of CPU")
@@ -345,7 +351,7 @@ def main() -> int:
     env = dict(os.environ, TDIST_HOME=str(work / "home"))
     name = f"bench-{uuid.uuid4().hex[:6]}"
     graph = work / "graph.yaml"
-    write_graph(graph, name, model, engine_args, args.workers)
+    write_graph(graph, name, model, engine_args, args.workers, args.engine_cpus)
     print(f"== tdist: deploying {args.workers} vLLM worker(s) + router + frontend", flush=True)
     t0 = time.monotonic()
     _cli(["deploy", "-d", str(graph), "--startup-timeout-s", "400"], env)

@@ -46,8 +46,36 @@ CPU_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "kv_cache_memory_bytes": 
 CPU_ENGINE_NICE = 10
 
 
-def renice_children(nice: int, root: int | None = None) -> list[int]:
-    """Set the niceness of every thread of every descendant process of `root` (default: this one)."""
+def parse_cpu_list(text: str) -> set[int]:
+    """"0-3,6" → {0, 1, 2, 3, 6} (the VLLM_CPU_OMP_THREADS_BIND / taskset syntax; "|" separates ranks)."""
+    cpus: set[int] = set()
+    for part in str(text).replace("|", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def pin_children(cpus: set[int], root: int | None = None) -> list[int]:
+    """Restrict every thread of every descendant of `root` (default: this process) to `cpus`."""
+    pids = descendants(root)
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:
+                pass
+    return pids
+
+
+def descendants(root: int | None = None) -> list[int]:
+    """Pids of every process below `root` (default: this process), from /proc."""
     parent: dict[int, int] = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -62,6 +90,12 @@ def renice_children(nice: int, root: int | None = None) -> list[int]:
         kids = [c for c, pp in parent.items() if pp == p]
         mine += kids
         frontier += kids
+    return sorted(mine)
+
+
+def renice_children(nice: int, root: int | None = None) -> list[int]:
+    """Set the niceness of every thread of every descendant process of `root` (default: this one)."""
+    mine = descendants(root)
     for pid in mine:
         try:
             tids = os.listdir(f"/proc/{pid}/task")
@@ -72,7 +106,7 @@ def renice_children(nice: int, root: int | None = None) -> list[int]:
                 os.setpriority(os.PRIO_PROCESS, int(tid), nice)
             except OSError:
                 pass
-    return sorted(mine)
+    return mine
 
 
 def import_vllm() -> Any:
@@ -238,6 +272,17 @@ class VllmEngine(LLMEngine):
 
         self.llm = await asyncio.to_thread(build)
         self.tokenizer = self.llm.get_tokenizer()
+        env_bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "")
+        pin = self.cpu_bind or (env_bind if env_bind not in ("", "auto", "nobind", "all") else None)
+        if pin and _cpu_only() and sys.platform.startswith("linux"):
+            # Keep the whole engine (EngineCore too, not only the model's OMP threads) on its
+            # cores: the others stay free for the message bus and the workers' event loops.
+            try:
+                pinned = pin_children(parse_cpu_list(pin))
+                if self.logger is not None and pinned:
+                    self.logger.info("engine processes %s pinned to CPUs %s", pinned, pin)
+            except ValueError:
+                pass
         nice = self.engine_nice if self.engine_nice is not None else (CPU_ENGINE_NICE if _cpu_only() else 0)
         if nice and sys.platform.startswith("linux"):
             pids = renice_children(nice)

@@ -170,3 +170,29 @@ def test_cpu_bind_choice() -> None:
     assert cpu_bind_of(None, [2, 3], 0) == "2,3"
     assert cpu_bind_of("0-3", [5], 1) == "0-3"
     assert cpu_bind_of("replica", [], 5) == str(5 % (os.cpu_count() or 1))
+
+
+def test_cpu_list_and_pinning() -> None:
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tdist.operators.vllm import parse_cpu_list, pin_children
+
+    assert parse_cpu_list("0-3,6") == {0, 1, 2, 3, 6}
+    assert parse_cpu_list("1|2") == {1, 2} and parse_cpu_list("5") == {5}
+    if not sys.platform.startswith("linux"):
+        pytest.skip("linux only")
+    child = subprocess.Popen([sys.executable, "-c", "import subprocess; subprocess.run(['sleep','20'])"])
+    try:
+        one = {min(os.sched_getaffinity(0))}
+        deadline = time.monotonic() + 10
+        pids: list[int] = []
+        while not pids and time.monotonic() < deadline:
+            pids = pin_children(one, root=child.pid)
+            time.sleep(0.05)
+        assert pids and all(os.sched_getaffinity(p) == one for p in pids)
+    finally:
+        child.kill()
+        child.wait()
