@@ -8,7 +8,12 @@ picks one by policy and sends a *directed* request (`instance=`):
   outstanding there (exact, fresh) and what the worker last reported (covers other routers);
 * `prefix` — affinity: requests whose prompt shares its first `prefix_chars` characters go to
   the same worker while it is alive and healthy (rendezvous hashing, so a second router picks
-  the same one), which is where the engine's prefix cache already holds that prefix.
+  the same one), which is where the engine's prefix cache already holds that prefix;
+* `kv` — KV-aware: the worker that already holds the most leading prompt blocks, unless it is
+  far busier than the rest (tdist/operators/kv_routing.py).
+
+With two targets `[context, generation]` the router serves disaggregated: prefill on a context
+worker (chosen by the policy), decode on a generation worker (tdist/operators/disagg.py).
 
 A worker that fails before it sent anything (gone, no responders, lost) is put in a cool-down
 (`failure_cooldown_s`) and the request is retried on another (`retries`); once tokens have
@@ -29,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
 from tdist.errors import NoWorkerError, OperatorLoadError, RequestError, RequestTimeout, WorkerLost
+from tdist.operators.disagg import DisaggFlow
+from tdist.operators.kv_routing import DEFAULT_BLOCK_SIZE, KvAware, PromptTokenizer, block_hashes, estimate_tokens, text_block_hashes
 from tdist.operators.llm_common import parse_prompt
 from tdist.runtime.operator import Operator, OperatorContext, Request, current_client
 
@@ -92,9 +99,12 @@ def role_of(entry: dict[str, Any], operator: str) -> str:
 
 @dataclass(frozen=True)
 class RouteKey:
-    """What a policy may look at: the routing text (prompt / flattened messages)."""
+    """What a policy may look at: the routing text (prompt / flattened messages), its length in
+    tokens and its prefix-block hashes (filled when the policy or disaggregation needs them)."""
 
     text: str = ""
+    tokens: int = 0
+    blocks: tuple[int, ...] = ()
 
 
 class Policy(Protocol):
@@ -161,7 +171,7 @@ class PrefixAffinity:
         return chosen
 
 
-POLICIES = ("round_robin", "least_loaded", "prefix")
+POLICIES = ("round_robin", "least_loaded", "prefix", "kv")
 
 
 def make_policy(name: str, parameters: dict[str, Any] | None = None) -> Policy:
@@ -172,6 +182,10 @@ def make_policy(name: str, parameters: dict[str, Any] | None = None) -> Policy:
         return LeastLoaded()
     if name == "prefix":
         return PrefixAffinity(prefix_chars=int(parameters.get("prefix_chars", 64)))
+    if name == "kv":
+        return KvAware(load_weight=float(parameters.get("load_weight", 1.0)),
+                       max_load_gap=int(parameters.get("max_load_gap", 4)),
+                       index_blocks=int(parameters.get("kv_index_blocks", 20000)))
     raise OperatorLoadError(f"router policy {name!r} unknown; use one of {', '.join(POLICIES)}")
 
 
@@ -204,10 +218,13 @@ RETRYABLE = (NoWorkerError, WorkerLost)
 
 
 class RouterOperator(Operator):
-    """`kind: router`. Parameters: policy (round_robin | least_loaded | prefix), prefix_chars (64),
+    """`kind: router`. Parameters: policy (round_robin | least_loaded | prefix | kv), prefix_chars (64),
     retries (2), failure_cooldown_s (5), discovery_max_age_s (0.5), discovery_wait_s (1: how long
     to look again when discovery lists no instance), role (instances of this role
-    only; default: any). `targets:` names the LLM operator (first one is used)."""
+    only; default: any); kv: load_weight (1), max_load_gap (4), kv_index_blocks (20000),
+    kv_block_size (default: the engine's), tokenizer (default: the engine's model_path).
+    `targets:` names the LLM operator; two targets `[context, generation]` serve disaggregated
+    (disagg_min_prompt_tokens, context_timeout_s, context_retries: see disagg.py)."""
 
     def __init__(self, context: OperatorContext) -> None:
         super().__init__(context)
@@ -215,6 +232,15 @@ class RouterOperator(Operator):
         if not targets:
             raise OperatorLoadError(f"router {self.name!r} needs targets: [<llm operator>] (the operator it forwards to)")
         self.target = str(targets[0])
+        self.disagg: DisaggFlow | None = None
+        if len(targets) >= 2:
+            ctx = str(self.parameters.get("context_target", targets[0]))
+            gen = str(self.parameters.get("generation_target", targets[1]))
+            self.disagg = DisaggFlow(self, ctx, gen, self.parameters)
+            self.target = ctx
+        self.tokenizer = PromptTokenizer(self.parameters.get("tokenizer"))
+        self._block_size = int(self.parameters["kv_block_size"]) if self.parameters.get("kv_block_size") else None
+        self._tiebreak_counter = itertools.count()
         self.policy_name = str(self.parameters.get("policy", "round_robin"))
         self.policy = make_policy(self.policy_name, self.parameters)
         self.retries = int(self.parameters.get("retries", 2))
@@ -234,24 +260,25 @@ class RouterOperator(Operator):
             raise NoWorkerError("router has no request client (not running inside a worker?)", operator=self.target)
         return client
 
-    async def candidates(self, exclude: set[str] = frozenset()) -> list[Candidate]:  # type: ignore[assignment]
+    async def candidates(self, exclude: set[str] = frozenset(), target: str | None = None) -> list[Candidate]:  # type: ignore[assignment]
         """Live, healthy instances of the target (minus `exclude`)."""
-        entries: dict[str, dict[str, Any]] = await self._client().instances(self.target, max_age_s=self.discovery_max_age_s)
+        target = target or self.target
+        entries: dict[str, dict[str, Any]] = await self._client().instances(target, max_age_s=self.discovery_max_age_s)
         out = []
         for name in self.health.healthy(entries):
             if name in exclude:
                 continue
             entry = entries[name]
-            role = role_of(entry, self.target)
+            role = role_of(entry, target)
             if self.role_filter and role not in (self.role_filter, "both"):
                 continue
             out.append(
                 Candidate(
                     name=name,
-                    reported_inflight=inflight_of(entry, self.target),
+                    reported_inflight=inflight_of(entry, target),
                     local_inflight=self._local.get(name, 0),
                     role=role,
-                    stats=operator_stats(entry, self.target),
+                    stats=operator_stats(entry, target),
                 )
             )
         if not out and not exclude and entries:
@@ -259,7 +286,7 @@ class RouterOperator(Operator):
             out = [Candidate(name=n, local_inflight=self._local.get(n, 0)) for n in sorted(entries)]
         return out
 
-    async def _wait_for_candidates(self, request: Request) -> list[Candidate]:
+    async def wait_for_candidates(self, request: Request, target: str | None = None) -> list[Candidate]:
         """Discovery said "nobody": look again, fresh, a few times within ~1 s (and the deadline).
 
         A worker that just started, or a discovery read that failed under load, should not turn
@@ -270,17 +297,46 @@ class RouterOperator(Operator):
         while waited < self.discovery_wait_s and request.time_left_s > delay:
             await asyncio.sleep(delay)
             waited += delay
-            entries = await self._client().instances(self.target, max_age_s=0.0)
+            entries = await self._client().instances(target or self.target, max_age_s=0.0)
             if entries:
-                return await self.candidates()
+                return await self.candidates(target=target)
             delay = min(delay * 2, 0.4)
         return []
 
     # -- forwarding -----------------------------------------------------------------------------
 
+    async def route_key(self, text: str, token_ids: Any = None) -> RouteKey:
+        """The RouteKey; tokens and prefix blocks only when the kv policy or disaggregation needs them."""
+        if not isinstance(self.policy, KvAware) and self.disagg is None:
+            return RouteKey(text)
+        block = self._block_size
+        if block is None or not self.tokenizer.tokenizer:
+            stats = next((c.stats for c in await self.candidates() if c.stats), {})
+            block = block or int(stats.get("kv_block_size") or 0) or None
+            if token_ids is None and stats.get("model_path"):
+                await asyncio.to_thread(self.tokenizer.load, str(stats["model_path"]))
+            elif token_ids is None and self.tokenizer.path:
+                await asyncio.to_thread(self.tokenizer.load, None)
+            if block:
+                self._block_size = block
+        block = block or DEFAULT_BLOCK_SIZE
+        tokens = list(token_ids) if token_ids is not None else self.tokenizer.tokens(text)
+        if tokens is None:
+            return RouteKey(text, estimate_tokens(text), text_block_hashes(text, block))
+        return RouteKey(text, len(tokens), block_hashes(tokens, block))
+
+    def count_routed(self, instance: str) -> None:
+        self.routed[instance] = self.routed.get(instance, 0) + 1
+
+    def next_tiebreak(self, name: str) -> int:
+        return next(self._tiebreak_counter)
+
     async def execute(self, request: Request) -> None:
         prompt = parse_prompt(request.parameters, request.inputs)  # BadRequest before any routing
-        key = RouteKey(prompt.routing_key())
+        key = await self.route_key(prompt.routing_key(), prompt.token_ids)
+        if self.disagg is not None:
+            await self.disagg.execute(request, key, key.tokens)
+            return
         tried: set[str] = set()
         last_error: RequestError | None = None
         for attempt in range(self.retries + 1):
@@ -288,7 +344,7 @@ class RouterOperator(Operator):
                 raise RequestTimeout("deadline passed while routing", operator=self.name, request_id=request.id)
             cands = await self.candidates(exclude=tried)
             if not cands and not tried:
-                cands = await self._wait_for_candidates(request)
+                cands = await self.wait_for_candidates(request)
             if not cands:
                 if last_error is not None:
                     raise last_error
@@ -304,16 +360,18 @@ class RouterOperator(Operator):
         assert last_error is not None
         raise last_error
 
-    async def _forward(self, request: Request, instance: str) -> RequestError | None:
+    async def _forward(self, request: Request, instance: str, *, target: str | None = None,
+                       parameters: dict[str, Any] | None = None, extra_final: dict[str, Any] | None = None) -> RequestError | None:
         """Stream one attempt. Returns a retryable error if it failed before the first response."""
         self._local[instance] = self._local.get(instance, 0) + 1
         self.routed[instance] = self.routed.get(instance, 0) + 1
         sent = 0
-        remote = self.context.remote(self.target)
+        target = target or self.target
+        remote = self.context.remote(target)
         try:
             stream = remote.async_infer(
                 inputs=request.inputs,
-                parameters=request.parameters,
+                parameters=request.parameters if parameters is None else parameters,
                 timeout_s=max(0.001, request.time_left_s),
                 instance=instance,
             )
@@ -322,14 +380,18 @@ class RouterOperator(Operator):
                     params = dict(resp.parameters)
                     if resp.final:
                         params["routed_to"] = resp.worker or instance
+                        params.update(extra_final or {})
                         await request.send(resp.outputs, parameters=params, final=True)
                         self.health.ok(instance)
                         return None
                     await request.send(resp.outputs, parameters=params)
                     sent += 1
-            raise WorkerLost(f"{instance} ended the stream without a final response", operator=self.target)
+            raise WorkerLost(f"{instance} ended the stream without a final response", operator=target)
         except RETRYABLE as exc:
             self.health.fail(instance)
+            forget = getattr(self.policy, "forget", None)
+            if forget is not None:
+                forget(instance)
             if sent:
                 raise
             return exc
@@ -346,7 +408,11 @@ class RouterOperator(Operator):
             "outstanding": dict(self._local),
             "retried": self.retried,
             "failures": dict(self.health.failures),
+            **(self.policy.stats() if isinstance(self.policy, KvAware) else {}),
+            **({"disagg": self.disagg.stats()} if self.disagg is not None else {}),
         }
+
+    forward = _forward
 
 
 async def wait_for_instances(client: Any, operator: str, count: int, timeout_s: float = 60.0) -> list[str]:

@@ -1,0 +1,144 @@
+"""Disaggregated serving: connector settings per role, and the router's prefill → decode flow
+over in-process fake context / generation workers (failures included)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+try:
+    from test_llm_harness import FakeLLM, InProcessClient, make_context
+except ImportError:  # pragma: no cover
+    from tests.unit.test_llm_harness import FakeLLM, InProcessClient, make_context
+from tdist.operators.disagg import connector_settings, decide, prefill_parameters, side_channel_env, valid_handle
+from tdist.operators.router import RouterOperator
+from tdist.runtime.operator import Request
+
+HANDLE = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": "e1", "remote_block_ids": [1, 2],
+          "remote_host": "127.0.0.1", "remote_port": 5600, "remote_request_id": "r1"}
+
+
+def test_connector_settings_by_role() -> None:
+    assert connector_settings("both", cpu=True) is None
+    ctx = connector_settings("context", cpu=True)
+    assert ctx["kv_connector"] == "NixlConnector" and ctx["kv_role"] == "kv_producer"
+    assert ctx["kv_buffer_device"] == "cpu" and ctx["kv_connector_extra_config"]["kv_lease_duration"] >= 120
+    gen = connector_settings("generation", cpu=False, given={"kv_connector_extra_config": {"x": 1}})
+    assert gen["kv_role"] == "kv_consumer" and gen["kv_load_failure_policy"] == "recompute"
+    assert "kv_buffer_device" not in gen and gen["kv_connector_extra_config"] == {"kv_lease_duration": 120, "x": 1}
+
+
+def test_side_channel_env_picks_a_free_port_unless_given() -> None:
+    env = side_channel_env({}, {})
+    assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.0.1" and int(env["VLLM_NIXL_SIDE_CHANNEL_PORT"]) > 0
+    assert side_channel_env({"kv_side_channel_port": 7777}, {})["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "7777"
+
+
+def test_pure_helpers() -> None:
+    p = prefill_parameters({"prompt": "x", "max_tokens": 50, "min_tokens": 3, "temperature": 0.0, "disagg": True})
+    assert p["max_tokens"] == 1 and "min_tokens" not in p and "disagg" not in p
+    assert p["kv_transfer_params"]["do_remote_decode"] is True
+    assert valid_handle(HANDLE) and not valid_handle({**HANDLE, "remote_block_ids": None}) and not valid_handle(None)
+    assert decide(10, 64, None) == "local_short_prompt"
+    assert decide(100, 64, None) is None
+    assert decide(100, 64, False) == "local_requested"
+
+
+class FakeContext(FakeLLM):
+    """Prefill-only worker: one token, final carries a KV handle (or misbehaves on request)."""
+
+    mode = "ok"  # ok | fail | hang | nohandle
+
+    async def execute(self, request: Request) -> None:
+        self.seen.append(dict(request.parameters))
+        if self.mode == "hang":
+            await asyncio.sleep(3600)
+        if self.mode == "fail":
+            from tdist.errors import WorkerLost
+
+            raise WorkerLost("context worker died", operator=self.name)
+        params: dict[str, Any] = {"text": "z", "finish_reason": "length", "usage": {"prompt_tokens": 5, "completion_tokens": 1}}
+        if self.mode == "ok":
+            params["kv_transfer_params"] = dict(HANDLE)
+        await request.send({"token_ids": np.asarray([1], np.int64)}, parameters=params, final=True)
+
+
+def setup(threshold: int = 4, n_ctx: int = 1, **router_params: Any) -> tuple[InProcessClient, RouterOperator, list[FakeContext], list[FakeLLM]]:
+    client = InProcessClient()
+    ctxs = []
+    for i in range(n_ctx):
+        c = FakeContext(make_context("context", parameters={}))
+        client.add(f"context.{i}", c)
+        ctxs.append(c)
+    gens = []
+    for i in range(2):
+        g = FakeLLM(make_context("generation", parameters={"tag": f"g{i}:"}))
+        client.add(f"generation.{i}", g)
+        gens.append(g)
+    router = RouterOperator(make_context("router", "router", client=client, targets=["context", "generation"],
+                                         parameters={"disagg_min_prompt_tokens": threshold, **router_params}))
+    client.add("router.0", router)
+    return client, router, ctxs, gens
+
+
+async def run(client: InProcessClient, prompt: str, **params: Any) -> list[Any]:
+    return [r async for r in client.infer("router", parameters={"prompt": prompt, "max_tokens": 3, **params}, timeout_s=20)]
+
+
+LONG = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen"
+
+
+async def test_long_prompt_prefills_on_context_and_decodes_with_the_handle() -> None:
+    client, router, ctxs, gens = setup()
+    out = await run(client, LONG)
+    assert out[-1].final and out[-1].parameters["disagg"] == "remote_prefill"
+    assert out[-1].parameters["prefilled_on"] == "context.0"
+    assert ctxs[0].seen[0]["max_tokens"] == 1 and ctxs[0].seen[0]["kv_transfer_params"]["do_remote_decode"]
+    decoded = [s for g in gens for s in g.seen]
+    assert len(decoded) == 1 and decoded[0]["kv_transfer_params"]["remote_engine_id"] == "e1"
+    assert decoded[0]["max_tokens"] == 3 and len(out) == 3
+    assert router.stats()["disagg"]["decisions"]["remote_prefill"] == 1
+
+
+async def test_short_prompt_is_prefilled_on_the_generation_worker() -> None:
+    client, router, ctxs, gens = setup(threshold=10_000)
+    out = await run(client, "hi there")
+    assert out[-1].parameters["disagg"] == "local_short_prompt"
+    assert not ctxs[0].seen
+    assert "kv_transfer_params" not in [s for g in gens for s in g.seen][0]
+    assert router.stats()["disagg"]["decisions"]["local_short_prompt"] == 1
+
+
+@pytest.mark.parametrize("mode", ["fail", "hang", "nohandle"])
+async def test_context_failure_falls_back_to_local_prefill(mode: str) -> None:
+    client, router, ctxs, gens = setup(context_timeout_s=0.3)
+    ctxs[0].mode = mode
+    out = await asyncio.wait_for(run(client, LONG), 10)
+    assert out[-1].final and out[-1].parameters["disagg"] == "local_after_context_failure"
+    assert "kv_transfer_params" not in [s for g in gens for s in g.seen][0]
+    assert len(out) == 3
+
+
+async def test_context_failure_retries_on_another_context_worker() -> None:
+    client, router, ctxs, gens = setup(n_ctx=2, policy="round_robin")
+    ctxs[0].mode = "fail"
+    for _ in range(2):
+        out = await run(client, LONG)
+        assert out[-1].parameters["disagg"] == "remote_prefill"
+        assert out[-1].parameters["prefilled_on"] == "context.1"
+    assert router.stats()["disagg"]["decisions"]["context_retry"] <= 1  # context.0 cools down after one failure
+
+
+async def test_no_context_worker_means_local_prefill_and_kv_policy_works_in_disagg_mode() -> None:
+    client, router, ctxs, gens = setup(policy="kv")
+    client.remove("context.0", "context")
+    out = await run(client, LONG)
+    assert out[-1].parameters["disagg"] == "local_no_context"
+    client.add("context.0", ctxs[0])
+    out = await run(client, LONG, disagg=False)
+    assert out[-1].parameters["disagg"] == "local_requested"
+    out = await run(client, LONG)
+    assert out[-1].parameters["disagg"] == "remote_prefill"
