@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tdist.errors import LaunchError
+from tdist.launch.rundir import pid_alive
 
 if TYPE_CHECKING:
     from tdist.launch.world import WorldSupervisor, make_world_supervisor  # noqa: F401
@@ -56,23 +57,6 @@ def mpirun_base_env(env: dict[str, str] | None = None) -> dict[str, str]:
         out.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         out.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     return out
-
-
-def pid_alive(pid: int | None) -> bool:
-    """True for a live, non-zombie process."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def tail(path: str | os.PathLike[str], lines: int = 20) -> str:
@@ -228,21 +212,6 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-async def _run_world(sup: Any) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await sup.start()
-    except LaunchError as exc:
-        log.error("start failed: %s", exc.render())
-        return exc.exit_code
-    await sup.supervise(stop)
-    await sup.stop()
-    return 0 if sup.world_exit is None else 1
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -253,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", required=True)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    return asyncio.run(_run_world(world.make_world_supervisor(args.run_dir)))
+    from tdist.launch.supervisor import run_supervisor
+
+    return asyncio.run(run_supervisor(world.make_world_supervisor(args.run_dir)))
 
 
 _MOVED_TO_WORLD = ("WorldSupervisor", "make_world_supervisor")

@@ -37,6 +37,7 @@ def supervisor_from_run_dir(run_dir: Path) -> LocalSupervisor:
 
 
 async def run_supervisor(sup: LocalSupervisor) -> int:
+    """Start, supervise until SIGTERM/SIGINT, tear down; the exit code of a detached supervisor."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -48,7 +49,8 @@ async def run_supervisor(sup: LocalSupervisor) -> int:
         return exc.exit_code
     await sup.supervise(stop)
     await sup.stop()
-    return 0
+    # a world (mpirun/srun) that ended on its own is a failure even after a clean teardown
+    return 0 if getattr(sup, "world_exit", None) is None else 1
 
 
 def main(argv: list[str] | None = None) -> int:
