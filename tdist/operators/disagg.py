@@ -230,3 +230,27 @@ class DisaggFlow:
     def stats(self) -> dict[str, Any]:
         return {"context": self.context, "generation": self.generation, "min_prompt_tokens": self.threshold,
                 "decisions": dict(self.counts), "prefill_s_total": round(self.prefill_s_total, 3)}
+
+
+def router_metric_families(stats: dict[str, Any], worker: str, operator: str) -> list[Any]:
+    """Prometheus families of a router's stats(): requests per instance, disaggregation decisions."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    out: list[Any] = []
+    routed = CounterMetricFamily("tdist_router_routed", "Requests sent to each instance", labels=["worker", "operator", "instance"])
+    for inst, n in sorted((stats.get("routed") or {}).items()):
+        routed.add_metric([worker, operator, inst], float(n))
+    out.append(routed)
+    dis = stats.get("disagg")
+    if isinstance(dis, dict):
+        fam = CounterMetricFamily("tdist_router_disagg_requests", "Disaggregated routing decisions (remote_prefill or why local)",
+                                  labels=["worker", "operator", "decision"])
+        for d, n in sorted(dis.get("decisions", {}).items()):
+            fam.add_metric([worker, operator, d], float(n))
+        out.append(fam)
+    if "kv_expected_hit_rate" in stats:
+        g = GaugeMetricFamily("tdist_router_kv_expected_hit_rate", "Share of prompt blocks routed to an instance expected to hold them",
+                              labels=["worker", "operator"])
+        g.add_metric([worker, operator], float(stats["kv_expected_hit_rate"]))
+        out.append(g)
+    return out

@@ -375,6 +375,7 @@ class LLMEngineOperator(Operator):
         self._served = 0
         self._aborted = 0
         self._tokens_out = 0
+        register_collector(context.metrics_registry, lambda: llm_metric_families(self.stats(), context.worker.name, self.name))
 
     @abc.abstractmethod
     def create_engine(self) -> LLMEngine:
@@ -452,8 +453,61 @@ class LLMEngineOperator(Operator):
             "served": self._served,
             "aborted": self._aborted,
             "tokens_out": self._tokens_out,
+            "model_path": self.engine_args.get("model"),
         }
         if self.engine is not None:
             out["engine_unfinished"] = self.engine.num_unfinished_requests()
             out.update(self.engine.stats())
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Prometheus: the figures of stats() on the worker's metrics endpoint (read at scrape time)
+
+#: stats key → (metric name, help, kind) exported for every LLM engine operator.
+LLM_GAUGES = {
+    "inflight": ("tdist_llm_inflight_requests", "Requests in this engine operator now", "gauge"),
+    "kv_cache_usage": ("tdist_llm_kv_cache_usage", "Share of the engine's KV cache in use (0-1)", "gauge"),
+    "prefix_cache_hit_rate": ("tdist_llm_prefix_cache_hit_rate", "Prefix-cache hits / queries since start", "gauge"),
+    "tokens_out": ("tdist_llm_generated_tokens", "Tokens generated since start", "counter"),
+}
+PROMPT_SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
+
+
+def register_collector(registry: Any, families: Any) -> None:
+    """Register a scrape-time collector (`families()` → metric families) if there is a registry."""
+    if registry is None:
+        return
+
+    class _Collector:
+        def collect(self) -> Any:
+            try:
+                return list(families())
+            except Exception:  # a scrape must never break the worker
+                return []
+
+        def describe(self) -> list[Any]:
+            return []
+
+    registry.register(_Collector())
+
+
+def llm_metric_families(stats: dict[str, Any], worker: str, operator: str) -> list[Any]:
+    """Prometheus families of an LLM operator's stats(), labelled with worker, operator and role."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    labels = ["worker", "operator", "role"]
+    values = [worker, operator, str(stats.get("role", "both"))]
+    out: list[Any] = []
+    for key, (name, help_, kind) in LLM_GAUGES.items():
+        if isinstance(stats.get(key), (int, float)):
+            fam = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, help_, labels=labels)
+            fam.add_metric(values, float(stats[key]))
+            out.append(fam)
+    if any(f"prompt_tokens_{s}" in stats for s in PROMPT_SOURCES):
+        fam = CounterMetricFamily("tdist_llm_prompt_tokens", "Prompt tokens by where their KV came from",
+                                  labels=labels + ["source"])
+        for src in PROMPT_SOURCES:
+            fam.add_metric(values + [src], float(stats.get(f"prompt_tokens_{src}", 0) or 0))
+        out.append(fam)
+    return out

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
 from tdist.errors import NoWorkerError, OperatorLoadError, RequestError, RequestTimeout, WorkerLost
-from tdist.operators.disagg import DisaggFlow
+from tdist.operators.disagg import DisaggFlow, router_metric_families
 from tdist.operators.kv_routing import DEFAULT_BLOCK_SIZE, KvAware, PromptTokenizer, block_hashes, estimate_tokens, text_block_hashes
-from tdist.operators.llm_common import parse_prompt
+from tdist.operators.llm_common import parse_prompt, register_collector
 from tdist.runtime.operator import Operator, OperatorContext, Request, current_client
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +241,7 @@ class RouterOperator(Operator):
         self.tokenizer = PromptTokenizer(self.parameters.get("tokenizer"))
         self._block_size = int(self.parameters["kv_block_size"]) if self.parameters.get("kv_block_size") else None
         self._tiebreak_counter = itertools.count()
+        register_collector(context.metrics_registry, lambda: router_metric_families(self.stats(), context.worker.name, self.name))
         self.policy_name = str(self.parameters.get("policy", "round_robin"))
         self.policy = make_policy(self.policy_name, self.parameters)
         self.retries = int(self.parameters.get("retries", 2))

@@ -142,3 +142,22 @@ async def test_no_context_worker_means_local_prefill_and_kv_policy_works_in_disa
     assert out[-1].parameters["disagg"] == "local_requested"
     out = await run(client, LONG)
     assert out[-1].parameters["disagg"] == "remote_prefill"
+
+
+def test_prometheus_families_of_router_and_llm_stats() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tdist.operators.disagg import router_metric_families
+    from tdist.operators.llm_common import llm_metric_families, register_collector
+
+    reg = CollectorRegistry()
+    register_collector(reg, lambda: router_metric_families(
+        {"routed": {"context.0": 2}, "disagg": {"decisions": {"remote_prefill": 2, "local_short_prompt": 1}},
+         "kv_expected_hit_rate": 0.5}, "router.0", "router"))
+    register_collector(reg, lambda: llm_metric_families(
+        {"role": "generation", "inflight": 1, "kv_cache_usage": 0.25, "prefix_cache_hit_rate": 0.5,
+         "prompt_tokens_local_compute": 3, "prompt_tokens_external_kv_transfer": 500}, "generation.0", "generation"))
+    text = generate_latest(reg).decode()
+    assert 'tdist_router_disagg_requests_total{decision="local_short_prompt",operator="router",worker="router.0"} 1.0' in text
+    assert 'tdist_llm_kv_cache_usage{operator="generation",role="generation",worker="generation.0"} 0.25' in text
+    assert 'source="external_kv_transfer"' in text and "tdist_router_kv_expected_hit_rate" in text
