@@ -240,11 +240,12 @@ class VllmEngine(LLMEngine):
     name = "vllm"
 
     def __init__(self, engine_args: dict[str, Any], *, logger: Any = None, engine_nice: int | None = None,
-                 cpu_bind: str | None = None) -> None:
+                 cpu_bind: str | None = None, pin_engine: bool = True) -> None:
         self.engine_args = dict(engine_args)
         self.logger = logger
         self.engine_nice = engine_nice
         self.cpu_bind = cpu_bind
+        self.pin_engine = pin_engine
         self.llm: Any = None
         self.tokenizer: Any = None
         self.block_size: int | None = None
@@ -272,17 +273,8 @@ class VllmEngine(LLMEngine):
 
         self.llm = await asyncio.to_thread(build)
         self.tokenizer = self.llm.get_tokenizer()
-        env_bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "")
-        pin = self.cpu_bind or (env_bind if env_bind not in ("", "auto", "nobind", "all") else None)
-        if pin and _cpu_only() and sys.platform.startswith("linux"):
-            # Keep the whole engine (EngineCore too, not only the model's OMP threads) on its
-            # cores: the others stay free for the message bus and the workers' event loops.
-            try:
-                pinned = pin_children(parse_cpu_list(pin))
-                if self.logger is not None and pinned:
-                    self.logger.info("engine processes %s pinned to CPUs %s", pinned, pin)
-            except ValueError:
-                pass
+        if self.pin_engine and _cpu_only() and sys.platform.startswith("linux"):
+            self._pin_engine()
         nice = self.engine_nice if self.engine_nice is not None else (CPU_ENGINE_NICE if _cpu_only() else 0)
         if nice and sys.platform.startswith("linux"):
             pids = renice_children(nice)
@@ -293,6 +285,40 @@ class VllmEngine(LLMEngine):
             self.max_model_len = int(self.llm.vllm_config.model_config.max_model_len)
         except Exception:  # pragma: no cover
             pass
+
+    def _pin_engine(self) -> None:
+        """Keep the whole engine — EngineCore too, not only the model's threads — on the model's cores.
+
+        vLLM binds the model's threads (to cpu_bind / VLLM_CPU_OMP_THREADS_BIND, or by its auto
+        binding) but leaves the EngineCore, which busy-polls, free to run anywhere; on a small
+        machine it then takes the cores the message bus and the workers' event loops need and
+        streams stall (docs/llm.md). The model's cores are the explicit binding, else the union
+        of the engine workers' own affinities where vLLM narrowed them.
+        """
+        env_bind = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "")
+        spec = self.cpu_bind or (env_bind if env_bind not in ("", "auto", "nobind", "all") else None)
+        try:
+            mine = os.sched_getaffinity(0)
+            if spec:
+                cores = parse_cpu_list(spec)
+            else:
+                cores = set()
+                for pid in descendants():
+                    try:
+                        aff = os.sched_getaffinity(pid)
+                    except OSError:
+                        continue
+                    if aff < mine:
+                        cores |= aff
+            if not cores or cores >= mine:
+                return
+            pinned = pin_children(cores)
+        except (OSError, ValueError) as exc:
+            if self.logger is not None:
+                self.logger.warning("could not pin the engine's processes: %s", exc)
+            return
+        if self.logger is not None and pinned:
+            self.logger.info("engine processes %s pinned to CPUs %s", pinned, ",".join(map(str, sorted(cores))))
 
     def _engine_prompt(self, prompt: LLMPrompt) -> Any:
         if prompt.token_ids is not None:
@@ -376,7 +402,8 @@ class VllmOperator(LLMEngineOperator):
         nice = self.parameters.get("engine_nice")
         return VllmEngine(self.engine_args, logger=self.logger, engine_nice=None if nice is None else int(nice),
                           cpu_bind=cpu_bind_of(self.parameters.get("cpu_bind"), self.context.worker.cpu_ids,
-                                               self.context.worker.replica))
+                                               self.context.worker.replica),
+                          pin_engine=bool(self.parameters.get("pin_engine", True)))
 
 
 def cpu_bind_of(param: Any, cpu_ids: list[int], replica: int) -> str | None:
