@@ -254,3 +254,23 @@ def router_metric_families(stats: dict[str, Any], worker: str, operator: str) ->
         g.add_metric([worker, operator], float(stats["kv_expected_hit_rate"]))
         out.append(g)
     return out
+
+
+def check_handle(kvp: Any) -> str | None:
+    """What is wrong with a KV handle a generation engine is asked to pull (None: fine, or no pull).
+
+    vLLM's NIXL worker trusts the handle's shape; a malformed one raises inside the engine and
+    kills it, so the operator checks it first."""
+    if kvp is None:
+        return None
+    if not isinstance(kvp, dict):
+        return f"must be an object, got {type(kvp).__name__}"
+    if not kvp.get("do_remote_prefill"):
+        return None
+    ids = kvp.get("remote_block_ids")
+    if not isinstance(ids, list) or not all(isinstance(g, list) and all(isinstance(i, int) for i in g) for g in ids):
+        return "remote_block_ids must be a list of lists of block ids (one per KV-cache group)"
+    for k, kind in (("remote_engine_id", str), ("remote_request_id", str), ("remote_host", str), ("remote_port", int)):
+        if not isinstance(kvp.get(k), kind) or isinstance(kvp.get(k), bool):
+            return f"{k} must be a {kind.__name__}, got {kvp.get(k)!r}"
+    return None

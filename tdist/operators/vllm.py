@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from tdist.errors import BadRequest, OperatorError, OperatorLoadError
+from tdist.operators.disagg import DEFAULT_KV_LEASE_S, check_handle, connector_settings, side_channel_env
 from tdist.operators.llm_common import (
     Chunk,
     LLMEngine,
@@ -196,6 +197,8 @@ class _StatsCollector:
         self.waiting = 0
         self.prefix_queries = 0
         self.prefix_hits = 0
+        # prompt tokens by where their KV came from (disaggregated serving: external_kv_transfer)
+        self.prompt_tokens = {"local_compute": 0, "local_cache_hit": 0, "external_kv_transfer": 0}
 
     def factory(self) -> Any:
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -207,6 +210,12 @@ class _StatsCollector:
                 pass
 
             def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+                pts = getattr(iteration_stats, "prompt_token_stats", None)
+                if pts is not None:
+                    with collector.lock:
+                        collector.prompt_tokens["local_compute"] += int(pts.computed)
+                        collector.prompt_tokens["local_cache_hit"] += int(pts.local_cache_hit)
+                        collector.prompt_tokens["external_kv_transfer"] += int(pts.external_kv_transfer)
                 if scheduler_stats is None:
                     return
                 with collector.lock:
@@ -231,6 +240,7 @@ class _StatsCollector:
                 "engine_running": self.running,
                 "engine_waiting": self.waiting,
                 "prefix_cache_hit_rate": round(rate, 4),
+                **{f"prompt_tokens_{k}": v for k, v in self.prompt_tokens.items()},
             }
 
 
@@ -240,8 +250,11 @@ class VllmEngine(LLMEngine):
     name = "vllm"
 
     def __init__(self, engine_args: dict[str, Any], *, logger: Any = None, engine_nice: int | None = None,
-                 cpu_bind: str | None = None, pin_engine: bool = True) -> None:
+                 cpu_bind: str | None = None, pin_engine: bool = True, role: str = "both",
+                 disagg_parameters: dict[str, Any] | None = None) -> None:
         self.engine_args = dict(engine_args)
+        self.role = role  # context / generation: a NixlConnector of that side (tdist/operators/disagg.py)
+        self.disagg_parameters = dict(disagg_parameters or {})
         self.logger = logger
         self.engine_nice = engine_nice
         self.cpu_bind = cpu_bind
@@ -257,7 +270,19 @@ class VllmEngine(LLMEngine):
         import_vllm()
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = build_engine_args(self.engine_args)
+        engine_args = dict(self.engine_args)
+        kv_cfg = connector_settings(self.role, cpu=_cpu_only(), given=engine_args.get("kv_transfer_config"),
+                                    lease_s=int(self.disagg_parameters.get("kv_lease_s", DEFAULT_KV_LEASE_S)))
+        if kv_cfg is not None:
+            engine_args["kv_transfer_config"] = kv_cfg
+            if kv_cfg.get("kv_connector") == "NixlConnector":
+                # the engine's processes inherit this environment: its own side channel
+                side = side_channel_env(self.disagg_parameters)
+                os.environ.update(side)
+                if self.logger is not None:
+                    self.logger.info("role %s: %s (%s) side channel %s:%s", self.role, kv_cfg["kv_connector"], kv_cfg["kv_role"],
+                                     side["VLLM_NIXL_SIDE_CHANNEL_HOST"], side["VLLM_NIXL_SIDE_CHANNEL_PORT"])
+        args = build_engine_args(engine_args)
         if self.cpu_bind and _cpu_only() and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
             # vLLM's CPU auto-binding puts every engine of a host on the same cores (it knows of
             # no other engine); the plan's cpu_ids (or parameters.cpu_bind) keep them apart.
@@ -339,6 +364,9 @@ class VllmEngine(LLMEngine):
         from vllm.v1.engine.exceptions import EngineDeadError
 
         assert self.llm is not None, "engine not started"
+        problem = check_handle((extra or {}).get("kv_transfer_params"))
+        if problem:  # a malformed handle would crash the engine's NIXL worker: refuse it here
+            raise BadRequest(f"kv_transfer_params: {problem}", detail={"param": "kv_transfer_params"})
         params = to_vllm_sampling(sampling, extra)
         engine_prompt = self._engine_prompt(prompt)
         generated = 0
@@ -403,7 +431,8 @@ class VllmOperator(LLMEngineOperator):
         return VllmEngine(self.engine_args, logger=self.logger, engine_nice=None if nice is None else int(nice),
                           cpu_bind=cpu_bind_of(self.parameters.get("cpu_bind"), self.context.worker.cpu_ids,
                                                self.context.worker.replica),
-                          pin_engine=bool(self.parameters.get("pin_engine", True)))
+                          pin_engine=bool(self.parameters.get("pin_engine", True)), role=self.role,
+                          disagg_parameters=self.parameters)
 
 
 def cpu_bind_of(param: Any, cpu_ids: list[int], replica: int) -> str | None:

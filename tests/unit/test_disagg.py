@@ -13,11 +13,11 @@ try:
     from test_llm_harness import FakeLLM, InProcessClient, make_context
 except ImportError:  # pragma: no cover
     from tests.unit.test_llm_harness import FakeLLM, InProcessClient, make_context
-from tdist.operators.disagg import connector_settings, decide, prefill_parameters, side_channel_env, valid_handle
+from tdist.operators.disagg import check_handle, connector_settings, decide, prefill_parameters, side_channel_env, valid_handle
 from tdist.operators.router import RouterOperator
 from tdist.runtime.operator import Request
 
-HANDLE = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": "e1", "remote_block_ids": [1, 2],
+HANDLE = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": "e1", "remote_block_ids": [[1, 2]],
           "remote_host": "127.0.0.1", "remote_port": 5600, "remote_request_id": "r1"}
 
 
@@ -161,3 +161,11 @@ def test_prometheus_families_of_router_and_llm_stats() -> None:
     assert 'tdist_router_disagg_requests_total{decision="local_short_prompt",operator="router",worker="router.0"} 1.0' in text
     assert 'tdist_llm_kv_cache_usage{operator="generation",role="generation",worker="generation.0"} 0.25' in text
     assert 'source="external_kv_transfer"' in text and "tdist_router_kv_expected_hit_rate" in text
+
+
+def test_check_handle_refuses_shapes_that_would_crash_the_engine() -> None:
+    assert check_handle(None) is None and check_handle(HANDLE) is None
+    assert check_handle({"do_remote_decode": True}) is None  # a prefill request, not a pull
+    assert "remote_block_ids" in check_handle({**HANDLE, "remote_block_ids": [1, 2]})
+    assert "remote_port" in check_handle({**HANDLE, "remote_port": "5600"})
+    assert "object" in check_handle([1])
