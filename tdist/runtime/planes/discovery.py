@@ -93,7 +93,7 @@ class NatsKVDiscovery:
 
         kv = await self._bucket()
         try:
-            keys = await kv.keys()
+            keys = await self._keys()
         except NoKeysError:
             return {}
         out: dict[str, dict[str, Any]] = {}
@@ -109,6 +109,24 @@ class NatsKVDiscovery:
             except ValueError:
                 continue
         return out
+
+    async def _keys(self) -> list[str]:
+        """Live keys from the stream's per-subject counts: no consumer per call.
+
+        `kv.keys()` opens an ephemeral consumer every call that the server keeps ~5 min; polling
+        (the supervisor's 10 Hz wait for ready, routers) hit the 1000-consumer cap of the stream
+        within ~100 s of a slow start, after which every list() failed and the deployment never
+        became ready. Deleted / purged keys have no message left and do not appear."""
+        from nats.js.errors import NoKeysError
+
+        name = bucket_name(self.deployment)
+        info = await self._js.stream_info(f"KV_{name}", subjects_filter=f"$KV.{name}.>")
+        subjects = info.state.subjects or {}
+        prefix = f"$KV.{name}."
+        keys = [s[len(prefix):] for s in subjects if s.startswith(prefix)]
+        if not keys:
+            raise NoKeysError
+        return keys
 
     async def close(self) -> None:
         self._kv = None
