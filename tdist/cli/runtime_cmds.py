@@ -391,16 +391,17 @@ def status(
                           "components": components, "unhealthy": unhealthy, "error": problem}, indent=2))
     else:
         t = Table(title=f"{state.deployment} ({state.state}) · {state.nats_url}", title_justify="left")
-        for col in ("component", "worker", "state", "host", "pid", "rank", "in-flight", "served", "errors", "uptime", "heartbeat", "restarts"):
+        for col in ("component", "worker", "state", "host", "pid", "rank", "in-flight", "served", "errors", "uptime", "heartbeat", "restarts", "llm"):
             t.add_column(col, justify="right" if col in ("pid", "rank", "in-flight", "served", "errors", "restarts") else "left")
         for comp, v in components.items():
             if not v["workers"]:
-                t.add_row(comp, "—", "[red]no worker[/]", "", "", "", "", "", "", "", "", "")
+                t.add_row(comp, "—", "[red]no worker[/]", "", "", "", "", "", "", "", "", "", "")
             for w in v["workers"]:
                 color = {"ready": "green", "starting": "yellow", "draining": "yellow"}.get(w["state"], "red")
                 t.add_row(comp, w["name"], f"[{color}]{w['state']}[/]", str(w["host"]), str(w["pid"]),
                           "" if w["rank"] is None else str(w["rank"]), str(w["inflight"]),
-                          str(w["served"]), str(w["errors"]), f"{w['uptime_s']:.0f}s", f"{w['heartbeat_age_s']:.1f}s", str(w["restarts"]))
+                          str(w["served"]), str(w["errors"]), f"{w['uptime_s']:.0f}s", f"{w['heartbeat_age_s']:.1f}s", str(w["restarts"]),
+                          llm_cell(w["operators"]))
         out.print(t)
         if problem:
             err.print(f"[red]{problem}[/]")
@@ -408,6 +409,20 @@ def status(
             err.print(f"[red]no ready worker:[/] {', '.join(unhealthy)}")
     if unhealthy or problem:
         raise typer.Exit(1)
+
+
+def llm_cell(per_operator: dict[str, Any]) -> str:
+    """LLM engine figures of a worker for the status table (issue 9): role, KV-cache use, prefix
+    hit rate — from the operator's stats() in its discovery entry; empty for other operators."""
+    cells = []
+    for st in (v.get("stats") or {} for v in (per_operator or {}).values() if isinstance(v, dict)):
+        if "kv_cache_usage" in st or st.get("engine"):
+            cells.append(f"{st.get('role', 'both')} · kv {100 * float(st.get('kv_cache_usage', 0) or 0):.0f}% · "
+                         f"prefix hit {100 * float(st.get('prefix_cache_hit_rate', 0) or 0):.0f}%")
+        elif isinstance(st.get("disagg"), dict):  # a disaggregating router: its decisions
+            d = st["disagg"].get("decisions", {})
+            cells.append(f"remote prefill {d.get('remote_prefill', 0)} · local {sum(v for k, v in d.items() if k.startswith('local'))}")
+    return "; ".join(cells)
 
 
 # ---- stop -------------------------------------------------------------------------------------
