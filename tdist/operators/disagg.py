@@ -58,6 +58,9 @@ def connector_settings(role: str, *, cpu: bool, lease_s: int = DEFAULT_KV_LEASE_
     }
     if cpu:
         cfg["kv_buffer_device"] = "cpu"
+        # NIXL's UCX backend starts 4 worker threads by default, which poll; one is enough for
+        # CPU buffers on a small machine (each idle poller costs CPU the engines need)
+        cfg["kv_connector_extra_config"]["num_threads"] = 1
     if role == "generation":
         cfg["kv_load_failure_policy"] = "recompute"
     for k, v in (given or {}).items():

@@ -29,6 +29,7 @@ def test_connector_settings_by_role() -> None:
     gen = connector_settings("generation", cpu=False, given={"kv_connector_extra_config": {"x": 1}})
     assert gen["kv_role"] == "kv_consumer" and gen["kv_load_failure_policy"] == "recompute"
     assert "kv_buffer_device" not in gen and gen["kv_connector_extra_config"] == {"kv_lease_duration": 120, "x": 1}
+    assert ctx["kv_connector_extra_config"]["num_threads"] == 1
 
 
 def test_side_channel_env_picks_a_free_port_unless_given() -> None:
