@@ -56,13 +56,23 @@ class MemoryDiscovery:
 
 
 class NatsKVDiscovery:
-    """Discovery on a NATS JetStream KV bucket `tdist_<deployment>` with a TTL."""
+    """Discovery on a NATS JetStream KV bucket `tdist_<deployment>` with a TTL.
+
+    Reads come from a local view kept current by one KV watcher (initial values, then every put
+    and delete as it happens): `list()` costs no round trip and never sees a half-read listing,
+    however loaded the server is. Entries that carry `heartbeat_at` and have not been refreshed
+    for ttl_s are left out: the bucket's max-age expiry removes them without telling watchers.
+    """
 
     def __init__(self, js: Any, deployment: str, ttl_s: float = 5.0) -> None:
         self._js = js
         self.deployment = deployment
         self.ttl_s = ttl_s
         self._kv: Any = None
+        self._view: dict[str, dict[str, Any]] = {}
+        self._watcher: Any = None
+        self._follow_task: Any = None
+        self._ready: Any = None
 
     async def _bucket(self) -> Any:
         if self._kv is None:
@@ -88,47 +98,48 @@ class NatsKVDiscovery:
         except Exception:
             pass
 
-    async def list(self) -> dict[str, dict[str, Any]]:
-        from nats.js.errors import NoKeysError
+    async def _start_view(self) -> None:
+        import asyncio
 
         kv = await self._bucket()
-        try:
-            keys = await self._keys()
-        except NoKeysError:
-            return {}
-        out: dict[str, dict[str, Any]] = {}
-        for key in keys:
-            try:
-                ent = await kv.get(key)
-            except Exception:  # expired or deleted between keys() and get()
+        self._ready = asyncio.Event()
+        self._watcher = await kv.watchall()
+        self._follow_task = asyncio.create_task(self._follow())
+        await asyncio.wait_for(self._ready.wait(), 10.0)
+
+    async def _follow(self) -> None:
+        async for item in self._watcher:
+            if item is None:  # the initial values are all in
+                self._ready.set()
                 continue
-            if ent is None or not ent.value:
+            if item.operation in ("DEL", "PURGE") or not item.value:
+                self._view.pop(item.key, None)
                 continue
             try:
-                out[key] = json.loads(ent.value)
+                self._view[item.key] = json.loads(item.value)
             except ValueError:
                 continue
-        return out
 
-    async def _keys(self) -> list[str]:
-        """Live keys from the stream's per-subject counts: no consumer per call.
-
-        `kv.keys()` opens an ephemeral consumer every call that the server keeps ~5 min; polling
-        (the supervisor's 10 Hz wait for ready, routers) hit the 1000-consumer cap of the stream
-        within ~100 s of a slow start, after which every list() failed and the deployment never
-        became ready. Deleted / purged keys have no message left and do not appear."""
-        from nats.js.errors import NoKeysError
-
-        name = bucket_name(self.deployment)
-        info = await self._js.stream_info(f"KV_{name}", subjects_filter=f"$KV.{name}.>")
-        subjects = info.state.subjects or {}
-        prefix = f"$KV.{name}."
-        keys = [s[len(prefix):] for s in subjects if s.startswith(prefix)]
-        if not keys:
-            raise NoKeysError
-        return keys
+    async def list(self) -> dict[str, dict[str, Any]]:
+        if self._follow_task is None or self._follow_task.done():
+            await self._start_view()
+        now = time.time()
+        return {
+            k: dict(v)
+            for k, v in self._view.items()
+            if not isinstance(v.get("heartbeat_at"), (int, float)) or now - v["heartbeat_at"] <= self.ttl_s
+        }
 
     async def close(self) -> None:
+        if self._follow_task is not None:
+            self._follow_task.cancel()
+            self._follow_task = None
+        if self._watcher is not None:
+            try:
+                await self._watcher.stop()
+            except Exception:
+                pass
+            self._watcher = None
         self._kv = None
 
 
