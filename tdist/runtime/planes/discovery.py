@@ -103,7 +103,9 @@ class NatsKVDiscovery:
 
         kv = await self._bucket()
         self._ready = asyncio.Event()
-        self._watcher = await kv.watchall()
+        # One ordered consumer per view (not one per listing: the stream caps consumers at 1000);
+        # a view whose process died without closing it is reaped by the server after 30 s.
+        self._watcher = await kv.watchall(inactive_threshold=30.0)
         self._follow_task = asyncio.create_task(self._follow())
         await asyncio.wait_for(self._ready.wait(), 10.0)
 
