@@ -13,7 +13,7 @@ PY=.venv/bin/python
 "$PY" -m pip show nvidia-pytriton >/dev/null 2>&1 || "$PY" -m pip install -q --no-deps 'nvidia-pytriton>=0.7'
 "$PY" -m tdist.operators.triton.install
 # The stub links libpython3.X.so.1.0: this Python's own (shared builds, e.g. pyenv) or the system's.
-"$PY" - <<'PYEOF' || { command -v apt-get >/dev/null && apt-get install -y -q "libpython$("$PY" -c 'import sys;print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"; }
+"$PY" - <<'PYEOF' || { command -v apt-get >/dev/null && apt-get update -q && apt-get install -y -q "libpython$("$PY" -c 'import sys;print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"; }
 import ctypes.util, sys, sysconfig, pathlib
 v = f"{sys.version_info[0]}.{sys.version_info[1]}"
 own = pathlib.Path(sysconfig.get_config_var("LIBDIR") or "/nonexistent") / f"libpython{v}.so.1.0"
