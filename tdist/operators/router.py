@@ -253,6 +253,27 @@ class RouterOperator(Operator):
         self.routed: dict[str, int] = {}
         self.retried = 0
 
+    async def start(self) -> None:
+        self._preload_task: asyncio.Task[None] | None = None
+        if isinstance(self.policy, KvAware) or self.disagg is not None:
+            self._preload_task = asyncio.create_task(self._preload())
+
+    async def stop(self) -> None:
+        if getattr(self, "_preload_task", None) is not None:
+            self._preload_task.cancel()  # type: ignore[union-attr]
+
+    async def _preload(self) -> None:
+        """Load the engines' tokenizer before the first request (importing transformers and loading
+        it takes seconds, measured 4 s on the first `kv` request otherwise); retried until an
+        engine has published its model_path."""
+        while self.tokenizer.tokenizer is None and not self.tokenizer.failed:
+            try:
+                await self.route_key("")
+            except Exception:  # no client or no engine yet
+                pass
+            if self.tokenizer.tokenizer is None:
+                await asyncio.sleep(1.0)
+
     # -- discovery ------------------------------------------------------------------------------
 
     def _client(self) -> Any:
