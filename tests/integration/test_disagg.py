@@ -11,6 +11,7 @@ whose greedy outputs are the reference. The context worker is killed by the last
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -313,7 +314,15 @@ async def test_killing_the_context_worker_mid_request_still_completes(disagg: di
         task = asyncio.create_task(_generate(client, "router", timeout_s=60, prompt=p, max_tokens=GREEDY_TOKENS,
                                              temperature=0.0, ignore_eos=True))
         await asyncio.sleep(1.0)  # the prefill request is with the (stopped) context worker now
+        # the whole context server dies, engine processes included (a worker killed alone leaves
+        # vLLM's EngineCore orphaned and spinning: the supervisor does not reap a dead worker's children)
+        from tdist.operators.vllm import descendants
+
+        engine = descendants(pid)
         os.kill(pid, signal.SIGKILL)
+        for child in engine:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
         chunks = await asyncio.wait_for(task, 60)
         elapsed = time.monotonic() - t0
         assert chunks[-1].parameters["disagg"] == "local_after_context_failure"
