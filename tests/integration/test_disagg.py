@@ -198,6 +198,18 @@ async def test_disaggregated_greedy_equals_one_engine_and_kv_arrives_by_transfer
         assert moved >= total - len(PROMPTS) * BLOCK, (moved, total, gen1)
         assert computed <= len(PROMPTS) * BLOCK, (computed, gen1)  # ≤ one block per request computed locally
         await _eventually(client, "router", "router.0", lambda st: st["disagg"]["decisions"]["remote_prefill"] >= len(PROMPTS))
+        # the same figures on the generation workers' Prometheus endpoints
+        import urllib.request
+
+        workers = await client.workers(max_age_s=0)
+        moved_prom = 0.0
+        for name in ("generation.0", "generation.1"):
+            text = urllib.request.urlopen(f"http://127.0.0.1:{workers[name]['metrics_port']}/metrics", timeout=10).read().decode()
+            for line in text.splitlines():
+                if line.startswith("tdist_llm_prompt_tokens_total{") and 'source="external_kv_transfer"' in line:
+                    assert 'role="generation"' in line
+                    moved_prom += float(line.rsplit(" ", 1)[1])
+        assert moved_prom >= moved
     finally:
         await client.close()
 
