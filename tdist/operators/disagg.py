@@ -46,7 +46,7 @@ NIXL_ROLES = {"context": "kv_producer", "generation": "kv_consumer"}
 
 
 def connector_settings(role: str, *, cpu: bool, lease_s: int = DEFAULT_KV_LEASE_S,
-                       given: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                       given: dict[str, Any] | None = None, progress_thread: bool | None = None) -> dict[str, Any] | None:
     """The kv_transfer_config for an engine of `role`; None for a monolithic (`both`) engine
     unless the graph gave one. Keys in `given` (graph engine_args) win."""
     if role not in NIXL_ROLES:
@@ -61,6 +61,9 @@ def connector_settings(role: str, *, cpu: bool, lease_s: int = DEFAULT_KV_LEASE_
         # NIXL's UCX backend starts 4 worker threads by default, which poll; one is enough for
         # CPU buffers on a small machine (each idle poller costs CPU the engines need)
         cfg["kv_connector_extra_config"]["num_threads"] = 1
+    if cpu if progress_thread is None else not progress_thread:
+        # NIXL's progress thread polls a whole core even when idle: tdist/operators/nixl_cpu.py
+        cfg["kv_connector_module_path"] = "tdist.operators.nixl_cpu"
     if role == "generation":
         cfg["kv_load_failure_policy"] = "recompute"
     for k, v in (given or {}).items():

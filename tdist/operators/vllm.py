@@ -271,8 +271,10 @@ class VllmEngine(LLMEngine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         engine_args = dict(self.engine_args)
+        prog = self.disagg_parameters.get("nixl_progress_thread")
         kv_cfg = connector_settings(self.role, cpu=_cpu_only(), given=engine_args.get("kv_transfer_config"),
-                                    lease_s=int(self.disagg_parameters.get("kv_lease_s", DEFAULT_KV_LEASE_S)))
+                                    lease_s=int(self.disagg_parameters.get("kv_lease_s", DEFAULT_KV_LEASE_S)),
+                                    progress_thread=None if prog is None else bool(prog))
         if kv_cfg is not None:
             engine_args["kv_transfer_config"] = kv_cfg
             if kv_cfg.get("kv_connector") == "NixlConnector":

@@ -30,6 +30,9 @@ def test_connector_settings_by_role() -> None:
     assert gen["kv_role"] == "kv_consumer" and gen["kv_load_failure_policy"] == "recompute"
     assert "kv_buffer_device" not in gen and gen["kv_connector_extra_config"] == {"kv_lease_duration": 120, "x": 1}
     assert ctx["kv_connector_extra_config"]["num_threads"] == 1
+    assert ctx["kv_connector_module_path"] == "tdist.operators.nixl_cpu"  # no polling progress thread on CPU
+    assert "kv_connector_module_path" not in gen  # GPU: vLLM's own connector
+    assert "kv_connector_module_path" not in connector_settings("context", cpu=True, progress_thread=True)
 
 
 def test_side_channel_env_picks_a_free_port_unless_given() -> None:
