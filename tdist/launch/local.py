@@ -249,6 +249,8 @@ class LocalSupervisor:
                     continue
                 if p.restart_at is None:
                     p.record.last_exit = code
+                    # what the worker started (engine processes, a Triton server) dies with it
+                    kill_group(p.process.pid, signal.SIGKILL)
                     if not self.restart:
                         p.record.state = "failed"
                         p.stopping = True

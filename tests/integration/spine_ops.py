@@ -112,3 +112,21 @@ class Words(_Reporting):
         for w in words[:limit]:
             await request.send(parameters={"text": w + " "})
         await request.send(parameters={"text": "", "finish_reason": "length"}, final=True)
+
+
+class Spawner(_Reporting):
+    """Starts a helper process at start (as engines do) and reports its pid in stats()."""
+
+    async def start(self) -> None:
+        import subprocess
+
+        self.child = subprocess.Popen(["sleep", "300"])
+
+    def stats(self) -> dict:
+        return {"child_pid": self.child.pid}
+
+    async def execute(self, request: Request) -> None:
+        await request.send(final=True)
+
+    async def stop(self) -> None:
+        self.child.kill()

@@ -271,3 +271,21 @@ async def test_cli_prompt_streams_text_as_it_arrives(deploy, nats_server) -> Non
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "Describe the capital"
     assert "4 chunk(s)" in res.stderr
+
+
+async def test_supervisor_kills_what_a_crashed_worker_started(deploy) -> None:
+    """A SIGKILLed worker's children (engine processes, servers) must not outlive it."""
+    dep = unique_name("orphan")
+    d = await deploy([worker_config(dep, "spawn", [op("spawn", "Spawner")])])
+    entry = (await d.client.workers(max_age_s=0))["spawn.0"]
+    child = entry["per_operator"]["spawn"]["stats"]["child_pid"]
+    pidfd = os.pidfd_open(child)  # readable once the process has exited: a real signal, no polling
+    exited = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_reader(pidfd, exited.set)
+    try:
+        os.kill(d.pid_of("spawn.0"), signal.SIGKILL)
+        await asyncio.wait_for(exited.wait(), 20)
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
