@@ -305,7 +305,10 @@ def infer(
     if requests > 1:
         from tdist.cli.load import run_load
 
-        asyncio.run(run_load(_client_for(name, nats_url), component, tensors, parameters, requests, concurrency, timeout_s, instance, out))
+        result = asyncio.run(run_load(_client_for(name, nats_url), component, tensors, parameters, requests,
+                                      concurrency, timeout_s, instance, out))
+        if result["errors"]:
+            raise typer.Exit(1)  # a load run with failed requests is a failure, whatever the throughput
         return
     asyncio.run(_infer_once(component, tensors, parameters, instance, timeout_s, name, nats_url, as_json, prompt is not None))
 

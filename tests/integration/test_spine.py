@@ -289,3 +289,17 @@ async def test_supervisor_kills_what_a_crashed_worker_started(deploy) -> None:
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
+
+
+async def test_a_fresh_client_under_concurrent_first_calls_sees_every_worker(deploy) -> None:
+    """Many requests at once from a client that has not listed discovery yet: none says no_worker."""
+    from tdist.runtime.planes.request import RequestClient
+
+    dep = unique_name("burst")
+    d = await deploy([worker_config(dep, "echo", [op("echo", "Echo")])])
+    client = await RequestClient.connect(d.sup.nats_url, dep, data_plane=d.sup.workers[0].data_plane)
+    try:
+        results = await asyncio.gather(*(anext(client.infer("echo", inputs={"x": np.array([i])})) for i in range(32)))
+    finally:
+        await client.close()
+    assert [int(r.outputs["x"][0]) for r in results] == list(range(32))
