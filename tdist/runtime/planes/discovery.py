@@ -73,7 +73,6 @@ class NatsKVDiscovery:
         self._watcher: Any = None
         self._follow_task: Any = None
         self._ready: Any = None
-        self._start_lock: Any = None
 
     async def _bucket(self) -> Any:
         if self._kv is None:
@@ -125,13 +124,7 @@ class NatsKVDiscovery:
 
     async def list(self) -> dict[str, dict[str, Any]]:
         if self._follow_task is None or self._follow_task.done():
-            import asyncio
-
-            if self._start_lock is None:
-                self._start_lock = asyncio.Lock()
-            async with self._start_lock:  # concurrent first callers share one view and its initial load
-                if self._follow_task is None or self._follow_task.done():
-                    await self._start_view()
+            await self._start_view()
         now = time.time()
         return {
             k: dict(v)
