@@ -27,6 +27,25 @@ def _has_gpu() -> bool:
         return False
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: Any, call: Any) -> Any:
+    """Keep each phase's report on the item (rep_setup / rep_call) so fixtures can react to a failure."""
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
+def print_log_tails(log_dir: Path, lines: int = 60) -> None:
+    """The last lines of every log under log_dir (a failed test's deployment), to the captured output."""
+    for log in sorted(Path(log_dir).rglob("*.log")):
+        try:
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            continue
+        print(f"===== {log} (last {len(tail)} lines) =====")
+        print("\n".join(tail))
+
+
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     if _has_gpu():
         return

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from tdist.errors import BadRequest, OperatorError, OperatorLoadError
-from tdist.operators.disagg import DEFAULT_KV_LEASE_S, check_handle, connector_settings, side_channel_env
+from tdist.operators.disagg import DEFAULT_KV_LEASE_S, check_handle, connector_settings, nixl_env, side_channel_env
 from tdist.operators.llm_common import (
     Chunk,
     LLMEngine,
@@ -271,16 +271,15 @@ class VllmEngine(LLMEngine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         engine_args = dict(self.engine_args)
-        prog = self.disagg_parameters.get("nixl_progress_thread")
         kv_cfg = connector_settings(self.role, cpu=_cpu_only(), given=engine_args.get("kv_transfer_config"),
-                                    lease_s=int(self.disagg_parameters.get("kv_lease_s", DEFAULT_KV_LEASE_S)),
-                                    progress_thread=None if prog is None else bool(prog))
+                                    lease_s=int(self.disagg_parameters.get("kv_lease_s", DEFAULT_KV_LEASE_S)))
         if kv_cfg is not None:
             engine_args["kv_transfer_config"] = kv_cfg
             if kv_cfg.get("kv_connector") == "NixlConnector":
                 # the engine's processes inherit this environment: its own side channel
                 side = side_channel_env(self.disagg_parameters)
                 os.environ.update(side)
+                os.environ.update(nixl_env(self.disagg_parameters))
                 if self.logger is not None:
                     self.logger.info("role %s: %s (%s) side channel %s:%s", self.role, kv_cfg["kv_connector"], kv_cfg["kv_role"],
                                      side["VLLM_NIXL_SIDE_CHANNEL_HOST"], side["VLLM_NIXL_SIDE_CHANNEL_PORT"])

@@ -12,7 +12,14 @@ from collections import Counter
 from collections.abc import Iterator
 
 from tdist.spec.models import GraphSpec, OperatorSpec
-from tdist.spec.placement import LOCAL_HOSTS, SERVICE_KINDS, build_layout, server_operator_name
+from tdist.spec.placement import (
+    LOCAL_HOSTS,
+    SERVICE_KINDS,
+    build_layout,
+    processes_per_instance,
+    server_engine,
+    server_operator_name,
+)
 from tdist.spec.problem import Problem
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -193,7 +200,13 @@ def _check_llm(spec: GraphSpec) -> Iterator[Problem]:
             yield Problem(loc + ("urls",), s.urls, f"{len(s.urls)} urls for num_instances: {s.num_instances}",
                           "give one host:port per instance, or no urls")
         per_inst = s.ranks_per_instance
-        if cluster.gpus_per_node and per_inst > cluster.gpus_per_node and cluster.nodes == 1:
+        if cluster.gpus_per_node and per_inst > cluster.gpus_per_node and server_engine(spec, key, s) == "vllm":
+            yield Problem(loc, f"tp_size {s.tp_size} x pp_size {s.pp_size} = {per_inst}",
+                          f"a vLLM instance runs on one node (it starts its own tensor/pipeline-parallel workers) "
+                          f"and needs {per_inst} GPUs, but a node has {cluster.gpus_per_node}",
+                          "lower tp_size/pp_size to fit one node (multi-node vLLM needs a Ray cluster, which tdist "
+                          "does not launch), or use engine: trtllm, whose instances run as MPI worlds across nodes")
+        elif cluster.gpus_per_node and per_inst > cluster.gpus_per_node and cluster.nodes == 1:
             yield Problem(loc, f"tp_size {s.tp_size} x pp_size {s.pp_size} = {per_inst}",
                           f"one instance needs {per_inst} GPUs but a node has {cluster.gpus_per_node}",
                           "lower tp_size/pp_size, or set cluster.nodes > 1 for a multi-node instance")
@@ -257,8 +270,8 @@ def _check_ports(spec: GraphSpec) -> Iterator[Problem]:
 
 def _process_count(spec: GraphSpec) -> int:
     n = sum(w.replicas for w in spec.workers)
-    for _k, _r, s in spec.llm.server_sets() if spec.llm else []:
-        n += s.num_instances * s.ranks_per_instance
+    for k, _r, s in spec.llm.server_sets() if spec.llm else []:
+        n += s.num_instances * processes_per_instance(spec, k, s)
     return n
 
 

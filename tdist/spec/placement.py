@@ -27,6 +27,19 @@ def server_operator_name(key: str, s: ServerSetSpec) -> str:
     return s.operator or _DEFAULT_SET_NAMES[key]
 
 
+def server_engine(spec: GraphSpec, key: str, s: ServerSetSpec) -> str:
+    """The engine kind of a server set: its declared operator's kind, else llm.engine."""
+    name = server_operator_name(key, s)
+    declared = next((op.kind for op in spec.operators if op.name == name), None)
+    return declared if declared in ("vllm", "trtllm") else (spec.llm.engine if spec.llm else "vllm")
+
+
+def processes_per_instance(spec: GraphSpec, key: str, s: ServerSetSpec) -> int:
+    """TensorRT-LLM instances run as tp x pp MPI ranks; a vLLM instance is one process that starts
+    its own tensor/pipeline-parallel workers on the GPUs it is given."""
+    return 1 if server_engine(spec, key, s) == "vllm" else s.ranks_per_instance
+
+
 @dataclass(frozen=True)
 class EngineRank:
     """What an LLM engine rank belongs to."""
@@ -152,16 +165,18 @@ def build_layout(spec: GraphSpec) -> Layout:
     for key, role, s in spec.llm.server_sets() if spec.llm else []:
         name = server_operator_name(key, s)
         size = s.ranks_per_instance
+        procs = processes_per_instance(spec, key, s)
+        per_proc = size // procs  # GPUs each process takes (all of the instance's for vLLM)
         share = _share(s.gpu_fraction)
         failed = False
         for inst in range(s.num_instances):
             url = s.urls[inst] if inst < len(s.urls) else None
             pinned = host_index.get(url.rsplit(":", 1)[0]) if url else None
             used: set[tuple[int, int]] = set()
-            for r in range(size):
+            for r in range(procs):
                 node, ids = (pinned if pinned is not None else 0), []
                 if has_gpus and not failed:
-                    got = gpus.take(pinned, 1, share, used)
+                    got = gpus.take(pinned, per_proc, share, used)
                     if got is None:
                         failed = True
                         problems.append(Problem(
@@ -172,8 +187,8 @@ def build_layout(spec: GraphSpec) -> Layout:
                         ))
                     else:
                         node, ids = got
-                        used.add((node, ids[0]))
-                world.append(Proc(name, inst * size + r,
+                        used.update((node, g) for g in ids)
+                world.append(Proc(name, inst * procs + r,
                                   (name,), ("llm", key), True, node, tuple(ids), s.gpu_fraction,
                                   engine=EngineRank(key, role, inst, r, size, url)))
 

@@ -303,3 +303,49 @@ async def test_a_fresh_client_under_concurrent_first_calls_sees_every_worker(dep
     finally:
         await client.close()
     assert [int(r.outputs["x"][0]) for r in results] == list(range(32))
+
+
+async def test_a_directed_request_whose_worker_dies_or_hangs_ends_typed_long_before_its_deadline(deploy, nats_server) -> None:
+    """A directed request is not redelivered (it names its worker): when that worker is killed (and
+    restarted as another process) or hangs (heartbeats stop), the caller gets WorkerLost, not a
+    wait until the deadline."""
+    import time
+
+    dep = unique_name("lost")
+    subject = f"tdist-test.{dep}"
+    ws = [worker_config(dep, "slow", [op("slow", "Slow", parameters={"events": subject})], replica=i) for i in range(2)]
+    d = await deploy(ws)
+    async with Events(nats_server.url, subject) as events:
+        calls = {i: asyncio.ensure_future(anext(d.client.infer("slow", parameters={"sleep_s": 120}, timeout_s=100,
+                                                               instance=f"slow.{i}"))) for i in range(2)}
+        started = {}
+        for _ in range(2):
+            ev = await events.wait(lambda e: e["kind"] == "started" and e["worker"] not in started)
+            started[ev["worker"]] = ev["pid"]
+    t0 = time.monotonic()
+    os.kill(started["slow.0"], signal.SIGKILL)  # the supervisor restarts it: a new process, same name
+    os.kill(started["slow.1"], signal.SIGSTOP)  # hung: alive, subscribed, silent
+    try:
+        for i in range(2):
+            with pytest.raises(WorkerLost, match=f"slow.{i}"):
+                await asyncio.wait_for(calls[i], 60)
+        assert time.monotonic() - t0 < 60  # the deadline was 100 s away
+    finally:
+        os.kill(started["slow.1"], signal.SIGCONT)
+
+
+async def test_a_directed_request_to_an_instance_nobody_listens_on_is_no_worker(deploy) -> None:
+    """Discovery still lists an instance whose process is gone: the server says "no responders"
+    and the caller gets NoWorkerError at once."""
+    import time
+
+    dep = unique_name("ghost")
+    d = await deploy([worker_config(dep, "echo", [op("echo", "Echo")])])
+    ghost = dict((await d.client.workers(max_age_s=0))["echo.0"], name="echo.9", pid=999999)
+    await d.client.discovery.put("echo.9", {**ghost, "heartbeat_at": time.time()})
+    while "echo.9" not in await d.client.workers(max_age_s=0):  # the put reaches the client's view
+        await asyncio.sleep(0.01)
+    t0 = time.monotonic()
+    with pytest.raises(NoWorkerError, match="not listening"):
+        await anext(d.client.infer("echo", instance="echo.9", parameters={}, timeout_s=60))
+    assert time.monotonic() - t0 < 30

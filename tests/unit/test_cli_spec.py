@@ -73,20 +73,20 @@ def test_plan_srun_script_for_llm_disagg(monkeypatch, capsys):
                               "--launcher", "srun", "--format", "script", "--run-dir", "/run")
     assert code == 0, err
     assert out.startswith("#!/bin/bash\n")
-    assert "#SBATCH --ntasks=4" in out and "srun --mpi=pmix" in out and "PLAN=/run/plan.json" in out
+    assert "#SBATCH --ntasks=3" in out and "srun --mpi=pmix" in out and "PLAN=/run/plan.json" in out
 
 
 def test_plan_table_json_yaml(monkeypatch, capsys):
     graph = str(ROOT / "graphs" / "llm_disagg.yaml")
     code, out, _ = run_main(monkeypatch, capsys, "plan", graph)
-    assert code == 0 and "context.0" in out and "generation.1" in out and "world 4" in out
+    assert code == 0 and "context.0" in out and "generation.1" in out and "world 3" in out
     code, out, _ = run_main(monkeypatch, capsys, "plan", graph, "--format", "json", "--run-dir", "/run")
     data = json.loads(out)
-    assert data["world_size"] == 4 and data["workers"][0]["name"] == "context.0"
+    assert data["world_size"] == 3 and data["workers"][0]["name"] == "context.0"
     code, out, _ = run_main(monkeypatch, capsys, "plan", graph, "-f", "yaml", "-l", "mpirun")
     assert yaml.safe_load(out)["launcher"] == "mpirun"
     code, out, _ = run_main(monkeypatch, capsys, "plan", graph, "-f", "script", "-l", "mpirun")
-    assert out.startswith("mpirun ") and "-np 4" in out
+    assert out.startswith("mpirun ") and "-np 3" in out
     code, out, _ = run_main(monkeypatch, capsys, "plan", graph, "-f", "script")
     assert "--rank 5" in out
 

@@ -30,9 +30,21 @@ def test_connector_settings_by_role() -> None:
     assert gen["kv_role"] == "kv_consumer" and gen["kv_load_failure_policy"] == "recompute"
     assert "kv_buffer_device" not in gen and gen["kv_connector_extra_config"] == {"kv_lease_duration": 120, "x": 1}
     assert ctx["kv_connector_extra_config"]["num_threads"] == 1
-    assert ctx["kv_connector_module_path"] == "tdist.operators.nixl_cpu"  # no polling progress thread on CPU
+    assert ctx["kv_connector_module_path"] == "tdist.operators.nixl_cpu"  # a sleeping progress thread on CPU, AMX asked for
     assert "kv_connector_module_path" not in gen  # GPU: vLLM's own connector
-    assert "kv_connector_module_path" not in connector_settings("context", cpu=True, progress_thread=True)
+
+
+def test_nixl_env_from_parameters() -> None:
+    from tdist.errors import OperatorLoadError
+    from tdist.operators.disagg import nixl_env
+
+    assert nixl_env({}) == {"TDIST_NIXL_PROGRESS": "thread"}
+    assert nixl_env({"nixl_progress_delay_us": 250}) == {"TDIST_NIXL_PROGRESS": "thread", "TDIST_NIXL_PROGRESS_DELAY_US": "250"}
+    assert nixl_env({"nixl_progress_thread": True})["TDIST_NIXL_PROGRESS"] == "busy"
+    assert nixl_env({"nixl_progress_thread": False})["TDIST_NIXL_PROGRESS"] == "off"
+    assert nixl_env({"nixl_progress": "OFF"})["TDIST_NIXL_PROGRESS"] == "off"
+    with pytest.raises(OperatorLoadError, match="thread, busy or off"):
+        nixl_env({"nixl_progress": "sometimes"})
 
 
 def test_side_channel_env_picks_a_free_port_unless_given() -> None:

@@ -76,18 +76,18 @@ def test_golden_files_are_machine_independent():
         assert str(ROOT) not in text and "/tmp" not in text, path.name
 
 
-def test_llm_disagg_sbatch_is_complete_for_a_world_of_4():
+def test_llm_disagg_sbatch_is_complete_for_a_world_of_3():
     script = _render("llm_disagg.yaml", "sbatch")
     assert script.startswith("#!/bin/bash\n")
-    for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks=4", "#SBATCH --ntasks-per-node=4", "#SBATCH --job-name=llm-disagg",
+    for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks=3", "#SBATCH --ntasks-per-node=3", "#SBATCH --job-name=llm-disagg",
                  "#SBATCH --time=01:00:00", "#SBATCH --output=/run/logs/slurm-%j.out", "export HF_HUB_OFFLINE=1",
                  'export NATS_SERVER="nats://${HEAD_NODE}:4222"'):
         assert line in script
     last = script.strip().splitlines()[-1]
-    assert last.startswith("srun --mpi=pmix --nodes=1 --ntasks=4 --ntasks-per-node=4")
+    assert last.startswith("srun --mpi=pmix --nodes=1 --ntasks=3 --ntasks-per-node=3")
     assert "--export=ALL,NATS_SERVER,HF_HUB_OFFLINE=1" in last
     assert last.endswith('python -m tdist.runtime.worker --plan "$PLAN"')
-    assert "--rank 4" in script and "--rank 5" in script  # frontend, router beside the request plane
+    assert "--rank 3" in script and "--rank 4" in script  # frontend, router beside the request plane
 
 
 def test_mpirun_root_and_oversubscribe():

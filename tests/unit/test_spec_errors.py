@@ -154,12 +154,20 @@ def test_gpus_on_a_cpu_cluster():
 
 
 def test_tp_times_pp_larger_than_a_node_without_multi_node():
-    text = error_text(LLM.replace("{num_instances: 1, tp_size: 2}", "{num_instances: 1, tp_size: 4, pp_size: 2}"))
+    trt = LLM.replace("  model: ./m\n", "  model: ./m\n  engine: trtllm\n")
+    text = error_text(trt.replace("{num_instances: 1, tp_size: 2}", "{num_instances: 1, tp_size: 4, pp_size: 2}"))
     assert "llm.context_servers: one instance needs 8 GPUs but a node has 4" in text
     assert "cluster.nodes > 1" in text
-    ok = LLM.replace("{num_instances: 1, tp_size: 2}", "{num_instances: 1, tp_size: 4, pp_size: 2}")
+    ok = trt.replace("{num_instances: 1, tp_size: 2}", "{num_instances: 1, tp_size: 4, pp_size: 2}")
     ok = ok.replace("cluster: {gpus_per_node: 4}", "cluster: {gpus_per_node: 4, nodes: 3}")
     parse_graph(ok, file="g.yaml", base_dir="/b")
+
+
+def test_a_vllm_instance_must_fit_one_node_even_with_more_nodes():
+    big = LLM.replace("{num_instances: 1, tp_size: 2}", "{num_instances: 1, tp_size: 4, pp_size: 2}")
+    text = error_text(big.replace("cluster: {gpus_per_node: 4}", "cluster: {gpus_per_node: 4, nodes: 3}"))
+    assert "llm.context_servers: a vLLM instance runs on one node" in text and "needs 8 GPUs, but a node has 4" in text
+    assert "engine: trtllm" in text
 
 
 def test_urls_count_must_match_num_instances():
@@ -174,7 +182,7 @@ def test_port_collision_between_frontend_and_server_url():
 
 def test_metrics_ports_collide_with_frontend_port():
     text = error_text(LLM + "launch: {local: {metrics_port_base: 7998}}\n")
-    assert "launch.local.metrics_port_base: metrics ports 7998..8003 include 8000" in text
+    assert "launch.local.metrics_port_base: metrics ports 7998..8002 include 8000" in text
 
 
 def test_frontend_replicas_on_one_fixed_port():
@@ -225,8 +233,8 @@ def test_url_host_outside_cluster():
 
 
 def test_srun_ntasks_must_match_world():
-    text = error_text(LLM + "launch: {srun: {ntasks: 3}}\n")
-    assert "launch.srun.ntasks: ntasks must equal the world size (4 ranks)" in text
+    text = error_text(LLM + "launch: {srun: {ntasks: 4}}\n")
+    assert "launch.srun.ntasks: ntasks must equal the world size (3 ranks)" in text
 
 
 def test_name_pattern_and_env_and_ucx():

@@ -17,7 +17,7 @@ EXPECTED_WORLD = {
     "hello_world.yaml": 3,
     "hello_world_python.yaml": 3,
     "llm_vllm_monolith.yaml": 2,
-    "llm_disagg.yaml": 4,
+    "llm_disagg.yaml": 3,
     "trtllm_disagg.yaml": 8,
 }
 
@@ -64,9 +64,11 @@ def test_hello_world_python_is_the_pure_python_copy():
 def test_llm_disagg_layout():
     plan = build_plan(load_graph(ROOT / "graphs" / "llm_disagg.yaml"), launcher="srun", run_dir="/run")
     world = plan.world_workers
-    assert [w.name for w in world] == ["context.0", "context.1", "generation.0", "generation.1"]
-    assert [(w.instance, w.instance_rank, w.instance_size) for w in world] == [(0, 0, 2), (0, 1, 2), (0, 0, 1), (1, 0, 1)]
-    assert [w.gpu_ids for w in world] == [[0], [1], [2], [3]]
+    # a vLLM instance is one process holding its tp x pp GPUs (vLLM starts the TP workers itself)
+    assert [w.name for w in world] == ["context.0", "generation.0", "generation.1"]
+    assert [(w.instance, w.instance_rank, w.instance_size) for w in world] == [(0, 0, 2), (0, 0, 1), (1, 0, 1)]
+    assert [w.gpu_ids for w in world] == [[0, 1], [2], [3]]
+    assert world[0].env["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert [w.name for w in plan.service_workers] == ["frontend.0", "router.0"]
     ctx = world[0].operators[0]
     assert (ctx.kind, ctx.role, ctx.engine_args["tensor_parallel_size"]) == ("vllm", "context", 2)

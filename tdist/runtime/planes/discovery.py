@@ -73,6 +73,7 @@ class NatsKVDiscovery:
         self._watcher: Any = None
         self._follow_task: Any = None
         self._ready: Any = None
+        self._starting: Any = None  # the task starting the view (shared by concurrent first listings)
 
     async def _bucket(self) -> Any:
         if self._kv is None:
@@ -101,18 +102,19 @@ class NatsKVDiscovery:
     async def _start_view(self) -> None:
         import asyncio
 
+        await self._stop_view()
         kv = await self._bucket()
         self._ready = asyncio.Event()
         # One ordered consumer per view (not one per listing: the stream caps consumers at 1000);
         # a view whose process died without closing it is reaped by the server after 30 s.
         self._watcher = await kv.watchall(inactive_threshold=30.0)
-        self._follow_task = asyncio.create_task(self._follow())
+        self._follow_task = asyncio.create_task(self._follow(self._watcher, self._ready))
         await asyncio.wait_for(self._ready.wait(), 10.0)
 
-    async def _follow(self) -> None:
-        async for item in self._watcher:
+    async def _follow(self, watcher: Any, ready: Any) -> None:
+        async for item in watcher:
             if item is None:  # the initial values are all in
-                self._ready.set()
+                ready.set()
                 continue
             if item.operation in ("DEL", "PURGE") or not item.value:
                 self._view.pop(item.key, None)
@@ -122,9 +124,26 @@ class NatsKVDiscovery:
             except ValueError:
                 continue
 
+    def _view_live(self, loop: Any) -> bool:
+        task = self._follow_task
+        return (task is not None and not task.done() and task.get_loop() is loop
+                and self._ready is not None and self._ready.is_set())
+
+    async def _ensure_view(self) -> None:
+        """Start the view once, whoever asks first; concurrent first listings all wait for the
+        same start, so none of them reads a view whose initial values are not all in."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        if self._view_live(loop):
+            return
+        start = self._starting
+        if start is None or start.get_loop() is not loop or (start.done() and not self._view_live(loop)):
+            start = self._starting = loop.create_task(self._start_view())
+        await asyncio.shield(start)
+
     async def list(self) -> dict[str, dict[str, Any]]:
-        if self._follow_task is None or self._follow_task.done():
-            await self._start_view()
+        await self._ensure_view()
         now = time.time()
         return {
             k: dict(v)
@@ -132,9 +151,12 @@ class NatsKVDiscovery:
             if not isinstance(v.get("heartbeat_at"), (int, float)) or now - v["heartbeat_at"] <= self.ttl_s
         }
 
-    async def close(self) -> None:
+    async def _stop_view(self) -> None:
         if self._follow_task is not None:
-            self._follow_task.cancel()
+            try:
+                self._follow_task.cancel()
+            except RuntimeError:  # started on an event loop that is closed now
+                pass
             self._follow_task = None
         if self._watcher is not None:
             try:
@@ -142,6 +164,17 @@ class NatsKVDiscovery:
             except Exception:
                 pass
             self._watcher = None
+        self._view = {}
+        self._ready = None
+
+    async def close(self) -> None:
+        if self._starting is not None and not self._starting.done():
+            try:
+                self._starting.cancel()
+            except RuntimeError:
+                pass
+        self._starting = None
+        await self._stop_view()
         self._kv = None
 
 

@@ -11,6 +11,7 @@ with every request and fan out to the calls it makes (see operator.current_reque
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -123,6 +124,10 @@ class RequestClient:
         self._sub: Any = None
         self._workers_cache: tuple[float, dict[str, dict[str, Any]]] = (0.0, {})
         self._stream_known = False  # set after the first acknowledged publish into the stream
+        #: how often a request waiting on a known worker checks that it is still in discovery,
+        #: and how long it must have been missing before the request ends with WorkerLost
+        self.liveness_check_s = 2.0
+        self.worker_lost_after_s = 2 * float(getattr(self.discovery, "ttl_s", 5.0))
 
     @classmethod
     async def connect(
@@ -173,6 +178,13 @@ class RequestClient:
         await self.close()
 
     async def _on_response(self, msg: Any) -> None:
+        if not msg.data and (msg.headers or {}).get("Status") == "503":
+            # "no responders": a directed request reached no subscriber (the instance is gone)
+            rid = msg.subject.rsplit(".", 1)[-1]
+            q = self._queues.get(rid)
+            if q is not None:
+                q.put_nowait(_NO_RESPONDERS)
+            return
         try:
             resp = P.decode_response(msg.data)
         except RequestError as exc:
@@ -200,9 +212,9 @@ class RequestClient:
             if operator in e.get("operators", []) and e.get("state") == "ready"
         }
 
-    async def _check_served(self, operator: str, instance: str | None) -> None:
+    async def _check_served(self, operator: str, instance: str | None) -> dict[str, dict[str, Any]]:
         found = await self.instances(operator)
-        if not found:  # maybe the cache is stale: look again now
+        if not found or (instance is not None and instance not in found):  # maybe the cache is stale: look again now
             found = await self.instances(operator, max_age_s=0.0)
         if instance is not None:
             if instance not in found:
@@ -213,6 +225,7 @@ class RequestClient:
                 )
         elif not found:
             raise NoWorkerError(f"no ready worker hosts operator {operator!r}", operator=operator)
+        return found
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -239,7 +252,7 @@ class RequestClient:
         if parent is not None:
             deadline = min(deadline, parent.deadline)
         rid = request_id or P.new_request_id()
-        await self._check_served(operator, instance)
+        found = await self._check_served(operator, instance)
 
         wire_inputs = await encode_tensors(self.codec, dict(inputs or {}))
         msg = P.RequestMessage(
@@ -261,17 +274,37 @@ class RequestClient:
             accepted_attempt: int | None = None
             yielded = 0
             loop = asyncio.get_running_loop()
+            # The worker known to hold the request (directed, or the one that answered): if it
+            # leaves discovery while we wait, the request ends with WorkerLost, not at its deadline.
+            watch = _Watch(instance, _identity(found[instance])) if instance is not None else None
             while True:
                 try:
                     # one cheap timer per wait (asyncio.timeout), not a task per wait (wait_for)
-                    async with asyncio.timeout_at(loop.time() + (deadline - time.time())):
+                    wait_s = deadline - time.time()
+                    if watch is not None:
+                        wait_s = min(wait_s, self.liveness_check_s)
+                    async with asyncio.timeout_at(loop.time() + wait_s):
                         resp = await queue.get()
                 except TimeoutError:
+                    if time.time() < deadline and watch is not None:
+                        await self._check_alive(watch, operator, rid)
+                        continue
                     raise RequestTimeout(
                         f"no final response within the deadline ({timeout_s or self.config.default_timeout_s:g} s)",
                         operator=operator,
                         request_id=rid,
                     ) from None
+                if resp is _NO_RESPONDERS:
+                    finished = True
+                    raise NoWorkerError(
+                        f"instance {instance!r} of {operator!r} is not listening (gone since discovery last saw it)",
+                        operator=operator,
+                        request_id=rid,
+                    )
+                if resp.worker and (watch is None or watch.worker != resp.worker):
+                    watch = _Watch(resp.worker, None)
+                elif watch is not None:
+                    watch.missing_since = None
                 if accepted_attempt is None:
                     accepted_attempt = resp.attempt
                 elif resp.attempt != accepted_attempt:
@@ -321,8 +354,10 @@ class RequestClient:
             )
         try:
             if msg.instance is not None:
+                # with a reply subject, the server answers "no responders" when nobody listens
                 await self.nc.publish(
-                    P.direct_subject(self.deployment, msg.operator, msg.instance), payload, headers=headers
+                    P.direct_subject(self.deployment, msg.operator, msg.instance), payload,
+                    reply=msg.reply, headers=headers,
                 )
             elif self._stream_known:
                 # The stream exists and a ready worker pulls from it (checked above): a core
@@ -347,12 +382,58 @@ class RequestClient:
         except asyncio.TimeoutError:
             raise RequestTimeout("publishing the request timed out", operator=msg.operator, request_id=msg.id) from None
 
+    async def _check_alive(self, watch: "_Watch", operator: str, rid: str) -> None:
+        """Raise WorkerLost once the worker holding the request has been absent from discovery for
+        a whole TTL (its heartbeats stopped: killed, hung or cut off), or is back as another
+        process (restarted: what it held is gone)."""
+        try:
+            entry = (await self.workers(max_age_s=self.liveness_check_s / 2)).get(watch.worker)
+        except Exception as exc:  # discovery unreadable for a moment: no verdict
+            log.debug("liveness check of %s failed: %s", watch.worker, exc)
+            return
+        now = time.monotonic()
+        if entry is not None:
+            ident = _identity(entry)
+            if watch.ident is None:
+                watch.ident = ident
+            elif ident != watch.ident:
+                raise WorkerLost(f"worker {watch.worker} restarted while serving the request",
+                                 operator=operator, request_id=rid)
+            watch.missing_since = None
+            return
+        if watch.missing_since is None:
+            watch.missing_since = now
+        elif now - watch.missing_since >= self.worker_lost_after_s:
+            raise WorkerLost(
+                f"worker {watch.worker} left discovery while serving the request (no heartbeat for over "
+                f"{self.worker_lost_after_s:g} s)",
+                operator=operator,
+                request_id=rid,
+            )
+
     async def cancel(self, request_id: str) -> None:
         """Tell every worker to stop `request_id` (and, through it, the calls it made)."""
         try:
             await self.nc.publish(P.cancel_subject(self.deployment), P.encode_cancel(request_id))
         except Exception as exc:  # connection closing: nothing more to do
             log.debug("cancel of %s not sent: %s", request_id, exc)
+
+
+@dataclasses.dataclass
+class _Watch:
+    """The worker known to hold a request: its name and process identity (host, pid, start)."""
+
+    worker: str
+    ident: tuple[Any, ...] | None
+    missing_since: float | None = None
+
+
+def _identity(entry: dict[str, Any]) -> tuple[Any, ...]:
+    return (entry.get("host"), entry.get("pid"), entry.get("started_at"))
+
+
+#: Queued in place of a response when the server reports that a directed request reached nobody.
+_NO_RESPONDERS: Any = object()
 
 
 def set_process_client(client: RequestClient) -> None:
