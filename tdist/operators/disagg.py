@@ -61,8 +61,8 @@ def connector_settings(role: str, *, cpu: bool, lease_s: int = DEFAULT_KV_LEASE_
         # NIXL's UCX backend starts 4 worker threads by default, which poll; one is enough for
         # CPU buffers on a small machine (each idle poller costs CPU the engines need)
         cfg["kv_connector_extra_config"]["num_threads"] = 1
-        # NIXL's progress thread polls a whole core even when idle, and AMX CPUs need a permission
-        # vLLM's decode kernel assumes: tdist/operators/nixl_cpu.py (settings: nixl_env)
+        # AMX CPUs need a permission vLLM's decode kernel assumes, and NIXL's progress thread is
+        # set per operator: tdist/operators/nixl_cpu.py (settings: nixl_env)
         cfg["kv_connector_module_path"] = "tdist.operators.nixl_cpu"
     if role == "generation":
         cfg["kv_load_failure_policy"] = "recompute"
@@ -75,19 +75,15 @@ def connector_settings(role: str, *, cpu: bool, lease_s: int = DEFAULT_KV_LEASE_
 
 
 def nixl_env(parameters: dict[str, Any]) -> dict[str, str]:
-    """TDIST_NIXL_PROGRESS / _DELAY_US for tdist/operators/nixl_cpu.py from the operator's
-    parameters: `nixl_progress` (thread | busy | off; `nixl_progress_thread: true/false` means
-    busy/off) and `nixl_progress_delay_us` (default 1000)."""
+    """TDIST_NIXL_PROGRESS for tdist/operators/nixl_cpu.py from the operator's parameters:
+    `nixl_progress` (busy | off; `nixl_progress_thread: true/false` means busy/off)."""
     mode = parameters.get("nixl_progress")
     if mode is None and parameters.get("nixl_progress_thread") is not None:
         mode = "busy" if parameters["nixl_progress_thread"] else "off"
-    mode = str(mode or "thread").lower()
-    if mode not in ("thread", "busy", "off"):
-        raise OperatorLoadError(f"parameters.nixl_progress must be thread, busy or off (found {mode!r})")
-    env = {"TDIST_NIXL_PROGRESS": mode}
-    if parameters.get("nixl_progress_delay_us") is not None:
-        env["TDIST_NIXL_PROGRESS_DELAY_US"] = str(int(parameters["nixl_progress_delay_us"]))
-    return env
+    mode = str(mode or "busy").lower()
+    if mode not in ("busy", "off"):
+        raise OperatorLoadError(f"parameters.nixl_progress must be busy or off (found {mode!r})")
+    return {"TDIST_NIXL_PROGRESS": mode}
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -15,6 +15,7 @@ its start (15–45 s on CPU) does not stall the worker's event loop (heartbeats,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import sys
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from tdist.errors import BadRequest, OperatorError, OperatorLoadError
+from tdist.errors import BadRequest, OperatorError, OperatorLoadError, WorkerLost
 from tdist.operators.disagg import DEFAULT_KV_LEASE_S, check_handle, connector_settings, nixl_env, side_channel_env
 from tdist.operators.llm_common import (
     Chunk,
@@ -371,8 +372,19 @@ class VllmEngine(LLMEngine):
         params = to_vllm_sampling(sampling, extra)
         engine_prompt = self._engine_prompt(prompt)
         generated = 0
+        kvp = (extra or {}).get("kv_transfer_params") or {}
+        # A pull whose producer never completes it (gone, or its NIXL agent not progressing) would
+        # keep the request waiting for its KV until the deadline: vLLM has no transfer timeout.
+        pull_timeout = float(self.disagg_parameters.get("kv_pull_timeout_s", DEFAULT_KV_PULL_TIMEOUT_S)) \
+            if kvp.get("do_remote_prefill") else None
         try:
-            async for out in self.llm.generate(engine_prompt, params, request_id=request_id):
+            async for out in _first_within(self.llm.generate(engine_prompt, params, request_id=request_id), pull_timeout):
+                if out is _PULL_TIMED_OUT:
+                    await self.abort(request_id)
+                    raise WorkerLost(
+                        f"no first token within {pull_timeout:g} s of a remote prefill: the KV pull from "
+                        f"{kvp.get('remote_host')}:{kvp.get('remote_port')} did not complete (the router prefills "
+                        "locally instead)", detail={"kv_pull_timeout_s": pull_timeout})
                 comp = out.outputs[0] if out.outputs else None
                 ids = list(comp.token_ids) if comp is not None else []
                 generated += len(ids)
@@ -434,6 +446,31 @@ class VllmOperator(LLMEngineOperator):
                                                self.context.worker.replica),
                           pin_engine=bool(self.parameters.get("pin_engine", True)), role=self.role,
                           disagg_parameters=self.parameters)
+
+
+#: How long a generation engine may wait for a remote prefill's KV before giving the request up
+#: (parameters.kv_pull_timeout_s); a pull measured here takes ~25 ms to ~1 s under load.
+DEFAULT_KV_PULL_TIMEOUT_S = 30.0
+_PULL_TIMED_OUT: Any = object()
+
+
+async def _first_within(stream: Any, timeout_s: float | None) -> AsyncIterator[Any]:
+    """`stream`'s items; if the first does not come within timeout_s, yield _PULL_TIMED_OUT instead
+    (the stream is closed, which aborts the engine request)."""
+    it = stream.__aiter__()
+    if timeout_s is not None:
+        try:
+            first = await asyncio.wait_for(it.__anext__(), timeout_s)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            with contextlib.suppress(Exception):
+                await it.aclose()
+            yield _PULL_TIMED_OUT
+            return
+        yield first
+    async for item in it:
+        yield item
 
 
 def cpu_bind_of(param: Any, cpu_ids: list[int], replica: int) -> str | None:

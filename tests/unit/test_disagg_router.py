@@ -30,7 +30,7 @@ def test_connector_settings_by_role() -> None:
     assert gen["kv_role"] == "kv_consumer" and gen["kv_load_failure_policy"] == "recompute"
     assert "kv_buffer_device" not in gen and gen["kv_connector_extra_config"] == {"kv_lease_duration": 120, "x": 1}
     assert ctx["kv_connector_extra_config"]["num_threads"] == 1
-    assert ctx["kv_connector_module_path"] == "tdist.operators.nixl_cpu"  # a sleeping progress thread on CPU, AMX asked for
+    assert ctx["kv_connector_module_path"] == "tdist.operators.nixl_cpu"  # AMX asked for in the engine processes
     assert "kv_connector_module_path" not in gen  # GPU: vLLM's own connector
 
 
@@ -38,12 +38,11 @@ def test_nixl_env_from_parameters() -> None:
     from tdist.errors import OperatorLoadError
     from tdist.operators.disagg import nixl_env
 
-    assert nixl_env({}) == {"TDIST_NIXL_PROGRESS": "thread"}
-    assert nixl_env({"nixl_progress_delay_us": 250}) == {"TDIST_NIXL_PROGRESS": "thread", "TDIST_NIXL_PROGRESS_DELAY_US": "250"}
+    assert nixl_env({}) == {"TDIST_NIXL_PROGRESS": "busy"}
     assert nixl_env({"nixl_progress_thread": True})["TDIST_NIXL_PROGRESS"] == "busy"
     assert nixl_env({"nixl_progress_thread": False})["TDIST_NIXL_PROGRESS"] == "off"
     assert nixl_env({"nixl_progress": "OFF"})["TDIST_NIXL_PROGRESS"] == "off"
-    with pytest.raises(OperatorLoadError, match="thread, busy or off"):
+    with pytest.raises(OperatorLoadError, match="busy or off"):
         nixl_env({"nixl_progress": "sometimes"})
 
 
@@ -185,3 +184,45 @@ def test_check_handle_refuses_shapes_that_would_crash_the_engine() -> None:
     assert "remote_block_ids" in check_handle({**HANDLE, "remote_block_ids": [1, 2]})
     assert "remote_port" in check_handle({**HANDLE, "remote_port": "5600"})
     assert "object" in check_handle([1])
+
+
+async def test_a_remote_prefill_whose_kv_never_arrives_is_given_up_and_retryable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM has no KV-pull timeout: the operator gives a stuck pull up (aborting the engine
+    request) with WorkerLost, which the router retries with a local prefill."""
+    pytest.importorskip("vllm")
+    from tdist.errors import WorkerLost
+    from tdist.operators.llm_common import LLMPrompt, SamplingOptions
+    from tdist.operators.vllm import VllmEngine, _first_within
+
+    async def stuck():
+        await asyncio.sleep(3600)
+        yield "never"
+
+    async def quick():
+        for i in range(3):
+            yield i
+
+    assert [x async for x in _first_within(quick(), 0.5)] == [0, 1, 2]
+    assert [x async for x in _first_within(quick(), None)] == [0, 1, 2]
+
+    class FakeLLM:
+        def __init__(self) -> None:
+            self.aborted: list[str] = []
+
+        def generate(self, prompt, params, request_id):  # noqa: ANN001, ANN201
+            return stuck()
+
+        async def abort(self, request_id: str) -> None:
+            self.aborted.append(request_id)
+
+    eng = VllmEngine({"model": "m"}, role="generation", disagg_parameters={"kv_pull_timeout_s": 0.2})
+    eng.llm = FakeLLM()
+    eng._engine_prompt = lambda prompt: "x"  # type: ignore[method-assign]
+    import tdist.operators.vllm as vmod
+
+    monkeypatch.setattr(vmod, "to_vllm_sampling", lambda sampling, extra=None: None)
+    kvp = dict(HANDLE)
+    with pytest.raises(WorkerLost, match="KV pull from 127.0.0.1:5600 did not complete"):
+        async for _ in eng.generate(LLMPrompt(text="x"), SamplingOptions(), "r-1", extra={"kv_transfer_params": kvp}):
+            pass
+    assert eng.llm.aborted == ["r-1"]
