@@ -88,7 +88,7 @@ def test_plan_table_json_yaml(monkeypatch, capsys):
     code, out, _ = run_main(monkeypatch, capsys, "plan", graph, "-f", "script", "-l", "mpirun")
     assert out.startswith("mpirun ") and "-np 3" in out
     code, out, _ = run_main(monkeypatch, capsys, "plan", graph, "-f", "script")
-    assert "--rank 5" in out
+    assert "--rank 4" in out
 
 
 def test_plan_rejects_an_unknown_launcher(monkeypatch, capsys):
