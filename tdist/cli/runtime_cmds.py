@@ -393,18 +393,7 @@ def status(
         print(json.dumps({"deployment": state.deployment, "state": state.state, "nats_url": state.nats_url,
                           "components": components, "unhealthy": unhealthy, "error": problem}, indent=2))
     else:
-        t = Table(title=f"{state.deployment} ({state.state}) · {state.nats_url}", title_justify="left")
-        for col in ("component", "worker", "state", "host", "pid", "rank", "in-flight", "served", "errors", "uptime", "heartbeat", "restarts", "llm"):
-            t.add_column(col, justify="right" if col in ("pid", "rank", "in-flight", "served", "errors", "restarts") else "left")
-        for comp, v in components.items():
-            if not v["workers"]:
-                t.add_row(comp, "—", "[red]no worker[/]", "", "", "", "", "", "", "", "", "", "")
-            for w in v["workers"]:
-                color = {"ready": "green", "starting": "yellow", "draining": "yellow"}.get(w["state"], "red")
-                t.add_row(comp, w["name"], f"[{color}]{w['state']}[/]", str(w["host"]), str(w["pid"]),
-                          "" if w["rank"] is None else str(w["rank"]), str(w["inflight"]),
-                          str(w["served"]), str(w["errors"]), f"{w['uptime_s']:.0f}s", f"{w['heartbeat_age_s']:.1f}s", str(w["restarts"]),
-                          llm_cell(w["operators"]))
+        t = status_table(state.deployment, state.state, state.nats_url, components)
         out.print(t)
         if problem:
             err.print(f"[red]{problem}[/]")
@@ -412,6 +401,44 @@ def status(
             err.print(f"[red]no ready worker:[/] {', '.join(unhealthy)}")
     if unhealthy or problem:
         raise typer.Exit(1)
+
+
+def status_table(deployment: str, run_state: str, nats_url: str | None, components: dict[str, dict[str, Any]]) -> Table:
+    """The status table, without columns that carry nothing here (one host → in the title; no
+    ranks, restarts or LLM figures → no column; component only where worker names don't say it),
+    so it stays readable in an 80-column terminal."""
+    from rich import box
+
+    workers = [w for v in components.values() for w in v["workers"]]
+    hosts = sorted({str(w["host"]) for w in workers})
+    llm = {w["name"]: llm_cell(w["operators"]) for w in workers}
+    show = {
+        "component": any(not str(w["name"]).startswith(f"{c}.") for c, v in components.items() for w in v["workers"])
+        or any(not v["workers"] for v in components.values()),
+        "host": len(hosts) > 1,
+        "rank": any(w["rank"] is not None for w in workers),
+        "restarts": any(w["restarts"] for w in workers),
+        "llm": any(llm.values()),
+    }
+    title = f"{deployment} ({run_state}) · {nats_url}" + (f" · host {hosts[0]}" if len(hosts) == 1 else "")
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False)
+    cols = [c for c in ("component", "worker", "state", "host", "pid", "rank", "in-flight", "served", "errors",
+                        "up", "heartbeat", "restarts", "llm") if show.get(c, True)]
+    for col in cols:
+        t.add_column(col, justify="right" if col in ("pid", "rank", "in-flight", "served", "errors", "restarts") else "left",
+                     no_wrap=col in ("worker", "state"), min_width=len(col) if col != "llm" else None)
+    for comp, v in components.items():
+        if not v["workers"]:
+            row = {"component": comp, "worker": "—", "state": "[red]no worker[/]"}
+            t.add_row(*(row.get(c, "") for c in cols))
+        for w in v["workers"]:
+            color = {"ready": "green", "starting": "yellow", "draining": "yellow"}.get(w["state"], "red")
+            row = {"component": comp, "worker": w["name"], "state": f"[{color}]{w['state']}[/]", "host": str(w["host"]),
+                   "pid": str(w["pid"]), "rank": "" if w["rank"] is None else str(w["rank"]), "in-flight": str(w["inflight"]),
+                   "served": str(w["served"]), "errors": str(w["errors"]), "up": f"{w['uptime_s']:.0f}s",
+                   "heartbeat": f"{w['heartbeat_age_s']:.1f}s", "restarts": str(w["restarts"]), "llm": llm[w["name"]]}
+            t.add_row(*(row[c] for c in cols))
+    return t
 
 
 def llm_cell(per_operator: dict[str, Any]) -> str:
