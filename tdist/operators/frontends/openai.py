@@ -316,8 +316,6 @@ class OpenAIFrontend(Operator):
         return web.json_response(self._model_card(name))
 
     async def handle_completions(self, request: Any) -> Any:
-        from aiohttp import web
-
         body = await self._json_body(request)
         model = await self._check_model(body)
         prompt = body.get("prompt")
@@ -327,70 +325,55 @@ class OpenAIFrontend(Operator):
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise ApiError(400, "'prompt' must be a string", param="prompt")
-        params = {"prompt": prompt, **self._sampling_params(body, chat=False)}
-        stream, include_usage = self._stream_flags(body)
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        self.counts["requests"] += 1
-        self.counts["inflight"] += 1
-        try:
-            if not stream:
-                text, finish, usage = await self._collect(params)
-                return web.json_response({
-                    "id": rid, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-                    "usage": usage,
-                })
-
-            def chunk(text: str, finish: str | None) -> dict[str, Any]:
-                return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-
-            def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
-                return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [], "usage": usage}
-
-            return await self._stream(request, params, chunk, usage_chunk, include_usage)
-        finally:
-            self.counts["inflight"] -= 1
+        return await self._answer(request, body, model, {"prompt": prompt, **self._sampling_params(body, chat=False)}, chat=False)
 
     async def handle_chat(self, request: Any) -> Any:
-        from aiohttp import web
-
         body = await self._json_body(request)
         model = await self._check_model(body)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-        params = {"messages": messages, **self._sampling_params(body, chat=True)}
+        return await self._answer(request, body, model, {"messages": messages, **self._sampling_params(body, chat=True)}, chat=True)
+
+    async def _answer(self, request: Any, body: dict[str, Any], model: str, params: dict[str, Any], *, chat: bool) -> Any:
+        """One completion (text or chat), whole or as SSE, in OpenAI's shapes."""
+        from aiohttp import web
+
         stream, include_usage = self._stream_flags(body)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+
+        def head(kind: str) -> dict[str, Any]:
+            return {"id": rid, "object": kind, "created": created, "model": model}
+
         self.counts["requests"] += 1
         self.counts["inflight"] += 1
         try:
             if not stream:
                 text, finish, usage = await self._collect(params)
-                return web.json_response({
-                    "id": rid, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                                 "finish_reason": finish}],
-                    "usage": usage,
-                })
+                choice: dict[str, Any] = {"index": 0, **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
+                choice.update(logprobs=None, finish_reason=finish)
+                return web.json_response({**head(obj), "choices": [choice], "usage": usage})
+            chunk_obj = f"{obj}.chunk" if chat else obj
             first = [True]
 
             def chunk(text: str, finish: str | None) -> dict[str, Any]:
-                delta: dict[str, Any] = {}
-                if first[0]:
-                    delta["role"] = "assistant"
-                    first[0] = False
-                if text or finish is None:
-                    delta["content"] = text
-                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                if chat:
+                    delta: dict[str, Any] = {}
+                    if first[0]:
+                        delta["role"] = "assistant"
+                        first[0] = False
+                    if text or finish is None:
+                        delta["content"] = text
+                    piece: dict[str, Any] = {"index": 0, "delta": delta}
+                else:
+                    piece = {"index": 0, "text": text}
+                piece.update(logprobs=None, finish_reason=finish)
+                return {**head(chunk_obj), "choices": [piece]}
 
             def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
-                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
-                        "usage": usage}
+                return {**head(chunk_obj), "choices": [], "usage": usage}
 
             return await self._stream(request, params, chunk, usage_chunk, include_usage)
         finally:
