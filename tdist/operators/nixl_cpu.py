@@ -23,31 +23,16 @@ Imported only inside vLLM's engine processes (by vLLM's connector factory).
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import os
-import platform
 
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlConnector as _VllmNixlConnector
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker as _base_worker
 
+from tdist.operators.cpu_features import request_amx_permission
+
 log = logging.getLogger("tdist.nixl_cpu")
-
-_ARCH_REQ_XCOMP_PERM = 0x1023
-_XFEATURE_XTILEDATA = 18
-_SYS_ARCH_PRCTL = 158  # x86_64
-
-
-def request_amx_permission() -> bool:
-    """Ask Linux for the AMX tile state for this process; False where there is none to ask for."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 def progress_mode() -> str:
