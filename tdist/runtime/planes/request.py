@@ -384,8 +384,8 @@ class RequestClient:
 
     async def _check_alive(self, watch: "_Watch", operator: str, rid: str) -> None:
         """Raise WorkerLost once the worker holding the request has been absent from discovery for
-        a whole TTL (its heartbeats stopped: killed, hung or cut off), or is back as another
-        process (restarted: what it held is gone)."""
+        worker_lost_after_s (2 TTLs: its heartbeats stopped — killed, hung or cut off; one late
+        heartbeat is not enough), or is back as another process (restarted: what it held is gone)."""
         try:
             entry = (await self.workers(max_age_s=self.liveness_check_s / 2)).get(watch.worker)
         except Exception as exc:  # discovery unreadable for a moment: no verdict
