@@ -96,6 +96,26 @@ def _server_operator(spec: GraphSpec, key: str, role: str, s: ServerSetSpec, bas
     )
 
 
+def served_model_name(op: OperatorConfig) -> str:
+    """The name an LLM operator serves its model under (what it reports; OpenAI's `model`)."""
+    return str(op.parameters.get("served_model_name") or op.engine_args.get("served_model_name")
+               or op.engine_args.get("model") or op.name)
+
+
+def _with_served_models(ops: dict[str, OperatorConfig], all_ops: list[OperatorConfig]) -> dict[str, OperatorConfig]:
+    """OpenAI frontends learn the deployment's served model names from the plan
+    (`parameters.served_models`), so /v1/models is right from the first request; discovery adds
+    names of workers that join later."""
+    names = sorted({served_model_name(o) for o in all_ops if o.kind in ("vllm", "trtllm")})
+    if not names:
+        return ops
+    out = dict(ops)
+    for name, op in ops.items():
+        if op.kind == "frontend" and op.parameters.get("protocol", "openai") == "openai" and "served_models" not in op.parameters:
+            out[name] = op.model_copy(update={"parameters": {**op.parameters, "served_models": names}})
+    return out
+
+
 def _srun_plan(spec: GraphSpec, layout: Layout, log_dir: str) -> SrunPlan:
     s = spec.launch.srun
     counts = Counter(p.node for p in layout.procs[: layout.world_size])
@@ -158,6 +178,7 @@ def build_plan(spec: GraphSpec, *, launcher: str = "local", run_dir: str | None 
             url = s.urls[inst] if inst < len(s.urls) else None
             server_ops[(key, inst)] = _server_operator(spec, key, role, s, base, template, url) if url else shared
 
+    ops = _with_served_models(ops, list(ops.values()) + list(server_ops.values()))
     worker_env = [dict(common_env, **w.env) for w in spec.workers]
     base_port = local.metrics_port_base
     local_ranks: Counter[int] = Counter()

@@ -83,6 +83,29 @@ async def test_model_names_come_from_discovery() -> None:
         await fe.stop()
 
 
+async def test_planned_model_names_hold_when_discovery_says_nothing() -> None:
+    """The plan gives the frontend its deployment's served names; /v1/models is right even before
+    (or without) a discovery listing that carries them, and names found later are added."""
+    client, _, fe = await _stack(1, served_model_name=None, served_models=["tiny-llama"])
+    try:
+        async def nobody(*, max_age_s: float = 1.0) -> dict:
+            return {}
+
+        client.workers = nobody  # type: ignore[attr-defined]
+        assert [m.id for m in (await oai(fe).models.list()).data] == ["tiny-llama"]
+        r = await oai(fe).completions.create(model="tiny-llama", prompt="a", max_tokens=1)
+        assert r.model == "tiny-llama"
+
+        async def joined(*, max_age_s: float = 1.0) -> dict:
+            return {"llm.9": {"kinds": {"llm": "vllm"}, "per_operator": {"llm": {"stats": {"model": "other"}}}}}
+
+        client.workers = joined  # type: ignore[attr-defined]
+        fe._models_checked = 0.0
+        assert sorted(m.id for m in (await oai(fe).models.list()).data) == ["other", "tiny-llama"]
+    finally:
+        await fe.stop()
+
+
 async def test_completion_non_stream(stack) -> None:
     _, _, fe = stack
     r = await oai(fe).completions.create(model="tiny", prompt="one two three", max_tokens=3, temperature=0)

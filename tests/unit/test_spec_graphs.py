@@ -128,3 +128,11 @@ def test_docs_spec_reference_is_current():
 
     doc = (ROOT / "docs" / "spec.md").read_text()
     assert splice(doc) == doc, "regenerate: python -m tdist.spec.reference --write docs/spec.md"
+
+
+def test_openai_frontends_get_the_served_model_names_from_the_plan():
+    plan = build_plan(load_graph(ROOT / "graphs" / "llm_vllm_monolith.yaml"), launcher="local", run_dir="/run")
+    fe = next(o for w in plan.workers for o in w.operators if o.kind == "frontend")
+    assert fe.parameters["served_models"] == ["tiny-llama"]
+    hello = build_plan(load_graph(ROOT / "graphs" / "hello_world.yaml"), launcher="local", run_dir="/run")
+    assert all("served_models" not in o.parameters for w in hello.workers for o in w.operators)

@@ -112,8 +112,10 @@ class OpenAIFrontend(Operator):
         #: Names given in the YAML; when none, the served names of the deployment's LLM operators
         #: (their discovery stats) are used, and the target's name as a last resort.
         self.configured_models = ([str(configured)] if configured else []) + [str(m) for m in p.get("model_names", [])]
-        self.model_name = self.configured_models[0] if self.configured_models else self.target
-        self.model_names = list(self.configured_models) or [self.target]
+        #: The LLM operators' served names from the plan (tdist/plan/build.py); discovery adds more.
+        self.planned_models = [str(m) for m in p.get("served_models", [])]
+        self.model_names = list(self.configured_models) or list(self.planned_models) or [self.target]
+        self.model_name = self.model_names[0]
         self._models_checked = 0.0
         self.request_timeout_s = float(p.get("request_timeout_s", 600.0))
         self.default_max_tokens = int(p.get("default_max_tokens", 16))
@@ -220,8 +222,12 @@ class OpenAIFrontend(Operator):
         try:
             entries = await workers(max_age_s=0.0 if force else 1.0)
         except Exception as exc:
-            self.logger.debug("model lookup in discovery failed: %s", exc)
+            text = f"{type(exc).__name__}: {exc}"
+            if text != getattr(self, "_lookup_error", None):  # once per distinct error, not per request
+                self.logger.warning("model lookup in discovery failed (serving %s meanwhile): %s", self.model_names, text)
+            self._lookup_error = text
             return self.model_names
+        self._lookup_error = None
         found: list[str] = []
         for entry in entries.values():
             kinds = entry.get("kinds") or {}
