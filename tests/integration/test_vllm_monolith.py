@@ -123,6 +123,17 @@ def monolith(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
         _run(TDIST + ["stop", "--name", name], env, timeout=120, check=False)
 
 
+@pytest.fixture(autouse=True)
+def _logs_on_failure(request: pytest.FixtureRequest) -> Any:
+    """A failed test prints the deployment's log tails (supervisor, workers, engines, NATS)."""
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed and "monolith" in request.fixturenames:
+        from tests.conftest import print_log_tails
+
+        print_log_tails(request.getfixturevalue("monolith")["home"])
+
+
 async def _client(dep: dict[str, Any]) -> Any:
     from tdist.runtime.planes.request import RequestClient
 
