@@ -46,6 +46,14 @@ def print_log_tails(log_dir: Path, lines: int = 60) -> None:
         print("\n".join(tail))
 
 
+def print_logs_if_failed(request: Any, fixture: str) -> None:
+    """After a test: if it failed and uses `fixture` (a deployment dict with "home"), print the
+    log tails of that deployment."""
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed and fixture in request.fixturenames:
+        print_log_tails(request.getfixturevalue(fixture)["home"])
+
+
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     if _has_gpu():
         return

@@ -137,11 +137,9 @@ def disagg(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
 def _logs_on_failure(request: pytest.FixtureRequest) -> Any:
     """A failed test prints the deployment's log tails (supervisor, workers, engines, NATS)."""
     yield
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed and "disagg" in request.fixturenames:
-        from tests.conftest import print_log_tails
+    from tests.conftest import print_logs_if_failed
 
-        print_log_tails(request.getfixturevalue("disagg")["home"])
+    print_logs_if_failed(request, "disagg")
 
 
 async def _client(dep: dict[str, Any]) -> Any:
