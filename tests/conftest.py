@@ -35,11 +35,16 @@ def pytest_runtest_makereport(item: Any, call: Any) -> Any:
     setattr(item, f"rep_{rep.when}", rep)
 
 
-def print_log_tails(log_dir: Path, lines: int = 60) -> None:
+#: Log lines that say nothing about a failure (vLLM's per-weight dtype notes, progress bars).
+_NOISE = ("Attempted to load weight", "Loading safetensors checkpoint", "NUMA binding")
+
+
+def print_log_tails(log_dir: Path, lines: int = 150) -> None:
     """The last lines of every log under log_dir (a failed test's deployment), to the captured output."""
     for log in sorted(Path(log_dir).rglob("*.log")):
         try:
-            tail = log.read_text(errors="replace").splitlines()[-lines:]
+            text = log.read_text(errors="replace").splitlines()
+            tail = [ln for ln in text if ln.strip() and not any(n in ln for n in _NOISE)][-lines:]
         except OSError:
             continue
         print(f"===== {log} (last {len(tail)} lines) =====")

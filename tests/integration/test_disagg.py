@@ -91,6 +91,8 @@ def make_test_graph(model: Path, out: Path, name: str) -> Path:
             op["host"], op["port"] = "127.0.0.1", 0
         if op["name"] == "router":
             op["parameters"].update({"disagg_min_prompt_tokens": THRESHOLD, "context_timeout_s": 5})
+        if op["name"] == "generation":
+            op["parameters"]["kv_pull_timeout_s"] = 90  # a slow pull on 2 loaded cores still completes
     g["operators"].append({"name": "router_kv", "kind": "router", "targets": ["generation"], "max_inflight_requests": 64,
                            "parameters": {"policy": "kv"}})
     for w in g["workers"]:
@@ -125,6 +127,7 @@ def disagg(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
         ref_log, _ = ref.communicate(timeout=300)
         assert ref.returncode == 0, f"reference engine failed:\n{ref_log[-3000:]}"
         status = json.loads(_run(TDIST + ["status", "--name", name, "--json"], env).stdout)
+        asyncio.run(_warm_kv_paths(status["nats_url"], name))
         yield {"name": name, "env": env, "nats_url": status["nats_url"], "reference": json.loads(ref_out.read_text()),
                "home": home, "status": status}
     finally:
@@ -140,6 +143,29 @@ def _logs_on_failure(request: pytest.FixtureRequest) -> Any:
     from tests.conftest import print_logs_if_failed
 
     print_logs_if_failed(request, "disagg")
+
+
+async def _warm_kv_paths(nats_url: str, name: str) -> None:
+    """One disaggregated request per generation worker before the tests: vLLM's first NIXL
+    handshake between two engines is lazy and, measured on 2 loaded cores, took 2 s to over 30 s
+    (the pull timeout), so the first test would measure start-up, not the path. Done the way the
+    router does it: prefill on the context worker, then a pull on each generation worker."""
+    from tdist.operators.disagg import decode_parameters, prefill_parameters
+    from tdist.runtime.planes.request import RequestClient
+
+    client = await RequestClient.connect(nats_url, name)
+    try:
+        params = {"prompt": "Warm-up. " + _TEXT * 2, "max_tokens": 2, "temperature": 0.0}
+        for gen in ("generation.0", "generation.1"):
+            pre = [r async for r in client.infer("context", parameters=prefill_parameters(params), timeout_s=120,
+                                                 instance="context.0")]
+            handle = pre[-1].parameters.get("kv_transfer_params")
+            assert handle, pre[-1].parameters
+            out = [r async for r in client.infer("generation", parameters=decode_parameters(params, handle),
+                                                 timeout_s=150, instance=gen)]
+            assert out[-1].final
+    finally:
+        await client.close()
 
 
 async def _client(dep: dict[str, Any]) -> Any:
