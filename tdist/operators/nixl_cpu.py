@@ -24,7 +24,6 @@ Imported only inside vLLM's engine processes (by vLLM's connector factory).
 from __future__ import annotations
 
 import functools
-import logging
 import os
 
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlConnector as _VllmNixlConnector
@@ -32,26 +31,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker as _ba
 
 from tdist.operators.cpu_features import request_amx_permission
 
-log = logging.getLogger("tdist.nixl_cpu")
-
-
-def progress_mode() -> str:
-    """TDIST_NIXL_PROGRESS: busy (NIXL's own thread, the default) or off."""
-    mode = os.environ.get("TDIST_NIXL_PROGRESS", "busy").strip().lower() or "busy"
-    if mode not in ("busy", "off"):
-        log.warning("TDIST_NIXL_PROGRESS=%r is not busy or off; using busy", mode)
-        mode = "busy"
-    return mode
-
-
-def _configure() -> None:
-    request_amx_permission()
-    if progress_mode() == "off":
-        if getattr(_base_worker, "nixl_agent_config", None) is not None and not isinstance(_base_worker.nixl_agent_config, functools.partial):
-            _base_worker.nixl_agent_config = functools.partial(_base_worker.nixl_agent_config, enable_prog_thread=False)
-
-
-_configure()
+request_amx_permission()
+# TDIST_NIXL_PROGRESS comes from tdist.operators.disagg.nixl_env (validated there): busy | off
+_config = getattr(_base_worker, "nixl_agent_config", None)  # None where NIXL is not installed
+if os.environ.get("TDIST_NIXL_PROGRESS") == "off" and _config is not None and not isinstance(_config, functools.partial):
+    _base_worker.nixl_agent_config = functools.partial(_config, enable_prog_thread=False)
 
 
 class NixlConnector(_VllmNixlConnector):  # same name: vLLM's checks of kv_connector == "NixlConnector" still hold

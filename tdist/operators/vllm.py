@@ -379,12 +379,6 @@ class VllmEngine(LLMEngine):
             if kvp.get("do_remote_prefill") else None
         try:
             async for out in _first_within(self.llm.generate(engine_prompt, params, request_id=request_id), pull_timeout):
-                if out is _PULL_TIMED_OUT:
-                    await self.abort(request_id)
-                    raise WorkerLost(
-                        f"no first token within {pull_timeout:g} s of a remote prefill: the KV pull from "
-                        f"{kvp.get('remote_host')}:{kvp.get('remote_port')} did not complete (the router prefills "
-                        "locally instead)", detail={"kv_pull_timeout_s": pull_timeout})
                 comp = out.outputs[0] if out.outputs else None
                 ids = list(comp.token_ids) if comp is not None else []
                 generated += len(ids)
@@ -398,6 +392,12 @@ class VllmEngine(LLMEngine):
                     cached_tokens=out.num_cached_tokens,
                     kv_transfer_params=out.kv_transfer_params if out.finished else None,
                 )
+        except _FirstTimedOut:
+            await self.abort(request_id)
+            raise WorkerLost(
+                f"no first token within {pull_timeout:g} s of a remote prefill: the KV pull from "
+                f"{kvp.get('remote_host')}:{kvp.get('remote_port')} did not complete (the router prefills "
+                "locally instead)", detail={"kv_pull_timeout_s": pull_timeout}) from None
         except (VLLMClientError, ValueError) as exc:
             raise BadRequest(f"vLLM rejected the request: {exc}") from None
         except EngineDeadError as exc:
@@ -451,12 +451,15 @@ class VllmOperator(LLMEngineOperator):
 #: How long a generation engine may wait for a remote prefill's KV before giving the request up
 #: (parameters.kv_pull_timeout_s); a pull measured here takes ~25 ms to ~1 s under load.
 DEFAULT_KV_PULL_TIMEOUT_S = 30.0
-_PULL_TIMED_OUT: Any = object()
+
+
+class _FirstTimedOut(Exception):
+    """The stream's first item did not come in time (raised by _first_within)."""
 
 
 async def _first_within(stream: Any, timeout_s: float | None) -> AsyncIterator[Any]:
-    """`stream`'s items; if the first does not come within timeout_s, yield _PULL_TIMED_OUT instead
-    (the stream is closed, which aborts the engine request)."""
+    """`stream`'s items; if the first does not come within timeout_s, the stream is closed (which
+    aborts the engine request) and _FirstTimedOut raised."""
     it = stream.__aiter__()
     if timeout_s is not None:
         try:
@@ -466,8 +469,7 @@ async def _first_within(stream: Any, timeout_s: float | None) -> AsyncIterator[A
         except asyncio.TimeoutError:
             with contextlib.suppress(Exception):
                 await it.aclose()
-            yield _PULL_TIMED_OUT
-            return
+            raise _FirstTimedOut from None
         yield first
     async for item in it:
         yield item

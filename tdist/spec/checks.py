@@ -200,16 +200,17 @@ def _check_llm(spec: GraphSpec) -> Iterator[Problem]:
             yield Problem(loc + ("urls",), s.urls, f"{len(s.urls)} urls for num_instances: {s.num_instances}",
                           "give one host:port per instance, or no urls")
         per_inst = s.ranks_per_instance
-        if cluster.gpus_per_node and per_inst > cluster.gpus_per_node and server_engine(spec, key, s) == "vllm":
-            yield Problem(loc, f"tp_size {s.tp_size} x pp_size {s.pp_size} = {per_inst}",
-                          f"a vLLM instance runs on one node (it starts its own tensor/pipeline-parallel workers) "
-                          f"and needs {per_inst} GPUs, but a node has {cluster.gpus_per_node}",
-                          "lower tp_size/pp_size to fit one node (multi-node vLLM needs a Ray cluster, which tdist "
-                          "does not launch), or use engine: trtllm, whose instances run as MPI worlds across nodes")
-        elif cluster.gpus_per_node and per_inst > cluster.gpus_per_node and cluster.nodes == 1:
-            yield Problem(loc, f"tp_size {s.tp_size} x pp_size {s.pp_size} = {per_inst}",
-                          f"one instance needs {per_inst} GPUs but a node has {cluster.gpus_per_node}",
-                          "lower tp_size/pp_size, or set cluster.nodes > 1 for a multi-node instance")
+        if cluster.gpus_per_node and per_inst > cluster.gpus_per_node:
+            found = f"tp_size {s.tp_size} x pp_size {s.pp_size} = {per_inst}"
+            if server_engine(spec, key, s) == "vllm":
+                yield Problem(loc, found,
+                              f"a vLLM instance runs on one node (it starts its own tensor/pipeline-parallel workers) "
+                              f"and needs {per_inst} GPUs, but a node has {cluster.gpus_per_node}",
+                              "lower tp_size/pp_size to fit one node (multi-node vLLM needs a Ray cluster, which tdist "
+                              "does not launch), or use engine: trtllm, whose instances run as MPI worlds across nodes")
+            elif cluster.nodes == 1:
+                yield Problem(loc, found, f"one instance needs {per_inst} GPUs but a node has {cluster.gpus_per_node}",
+                              "lower tp_size/pp_size, or set cluster.nodes > 1 for a multi-node instance")
         if s.urls and cluster.gpus_per_node and per_inst > cluster.gpus_per_node:
             yield Problem(loc + ("urls",), s.urls, f"a url pins an instance to one node, but it needs {per_inst} GPUs "
                           f"(a node has {cluster.gpus_per_node})", "remove urls to let the instance span nodes")

@@ -343,8 +343,12 @@ async def test_a_directed_request_to_an_instance_nobody_listens_on_is_no_worker(
     d = await deploy([worker_config(dep, "echo", [op("echo", "Echo")])])
     ghost = dict((await d.client.workers(max_age_s=0))["echo.0"], name="echo.9", pid=999999)
     await d.client.discovery.put("echo.9", {**ghost, "heartbeat_at": time.time()})
-    while "echo.9" not in await d.client.workers(max_age_s=0):  # the put reaches the client's view
-        await asyncio.sleep(0.01)
+
+    async def listed() -> None:  # the put reaches the client's view (its KV watcher), bounded
+        while "echo.9" not in await d.client.workers(max_age_s=0):
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(listed(), 10)
     t0 = time.monotonic()
     with pytest.raises(NoWorkerError, match="not listening"):
         await anext(d.client.infer("echo", instance="echo.9", parameters={}, timeout_s=60))

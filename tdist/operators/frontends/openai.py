@@ -117,6 +117,7 @@ class OpenAIFrontend(Operator):
         self.model_names = list(self.configured_models) or list(self.planned_models) or [self.target]
         self.model_name = self.model_names[0]
         self._models_checked = 0.0
+        self._lookup_error: str | None = None  # the last discovery lookup's error (warned once)
         self.request_timeout_s = float(p.get("request_timeout_s", 600.0))
         self.default_max_tokens = int(p.get("default_max_tokens", 16))
         self.default_chat_max_tokens = int(p.get("default_chat_max_tokens", 512))
@@ -223,7 +224,7 @@ class OpenAIFrontend(Operator):
             entries = await workers(max_age_s=0.0 if force else 1.0)
         except Exception as exc:
             text = f"{type(exc).__name__}: {exc}"
-            if text != getattr(self, "_lookup_error", None):  # once per distinct error, not per request
+            if text != self._lookup_error:  # once per distinct error, not per request
                 self.logger.warning("model lookup in discovery failed (serving %s meanwhile): %s", self.model_names, text)
             self._lookup_error = text
             return self.model_names
