@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tdist.errors import LaunchError
+from tdist.runtime.ports import free_ports
 
 READY_LINE = "ready to serve client requests"
 
@@ -49,17 +49,7 @@ def find_etcd_binary(name: str = "etcd") -> str:
 
 
 def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
+    return free_ports(n, "127.0.0.1")
 
 
 def _tail(path: Path, lines: int = 20) -> str:

@@ -27,11 +27,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import time
 from typing import TYPE_CHECKING, Any
 
 from tdist.errors import NoWorkerError, OperatorLoadError, RequestError, RequestTimeout, WorkerLost
+from tdist.runtime.ports import free_port
 
 if TYPE_CHECKING:  # pragma: no cover
     from tdist.operators.router import RouterOperator
@@ -74,22 +74,21 @@ def connector_settings(role: str, *, cpu: bool, lease_s: int = DEFAULT_KV_LEASE_
     return cfg
 
 
-def nixl_env(parameters: dict[str, Any]) -> dict[str, str]:
+def nixl_env(parameters: dict[str, Any], role: str = "context") -> dict[str, str]:
     """TDIST_NIXL_PROGRESS for tdist/operators/nixl_cpu.py from the operator's parameters:
-    `nixl_progress` (busy | off; `nixl_progress_thread: true/false` means busy/off)."""
+    `nixl_progress` (busy | off; `nixl_progress_thread: true/false` means busy/off).
+
+    Default by role: a context engine is the passive side of every KV READ and, idle, makes no
+    progress calls of its own, so it needs NIXL's progress thread (`busy`); a generation engine
+    starts the READs and polls their state every engine step, which progresses its UCX worker,
+    so it runs without one (`off`): one busy-polling core per deployment, not one per engine."""
     mode = parameters.get("nixl_progress")
     if mode is None and parameters.get("nixl_progress_thread") is not None:
         mode = "busy" if parameters["nixl_progress_thread"] else "off"
-    mode = str(mode or "busy").lower()
+    mode = str(mode or ("off" if role == "generation" else "busy")).lower()
     if mode not in ("busy", "off"):
         raise OperatorLoadError(f"parameters.nixl_progress must be busy or off (found {mode!r})")
     return {"TDIST_NIXL_PROGRESS": mode}
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def side_channel_env(parameters: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, str]:

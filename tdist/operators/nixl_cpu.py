@@ -9,14 +9,14 @@ imports this module in the EngineCore and in every model worker):
    a prefill has already made oneDNN ask, but a generation engine's first step is a one-token
    decode over pulled KV, and its model worker died with SIGILL (exit code -4) on its first
    disaggregated request. Asking at import costs nothing and is a no-op without AMX.
-2. **NIXL's progress thread** stays as vLLM has it (`TDIST_NIXL_PROGRESS=busy`, the default): it
-   busy-polls a core, but every alternative measured here hangs. Without the thread
-   (`TDIST_NIXL_PROGRESS=off`) a READ completes only when the *remote* agent makes progress calls
-   (two processes, the passive side making none: the bytes arrive, the transfer stays in PROC),
-   and an idle context engine makes none: every request hung until its deadline. A thread that
-   sleeps between polls (NIXL's `pthrDelay`, 100 or 1000 µs) completed simple transfers, but under
-   vLLM 6 of 6 disaggregated requests hung or failed their handshake. `off` remains for machines
-   where the remote side is known to progress.
+2. **NIXL's progress thread** by role (`TDIST_NIXL_PROGRESS`, from tdist.operators.disagg.nixl_env):
+   a context engine keeps vLLM's busy thread (`busy`): a READ completes only when the *remote*
+   agent makes progress calls (two processes, the passive side making none: the bytes arrive,
+   the transfer stays in PROC), and an idle context engine makes none of its own. A generation
+   engine starts the READs and polls them every engine step, which progresses its agent, so it
+   runs without the thread (`off`). A thread that sleeps between polls (NIXL's `pthrDelay`, 100
+   or 1000 µs) completed simple transfers, but under vLLM 6 of 6 disaggregated requests hung or
+   failed their handshake.
 
 Imported only inside vLLM's engine processes (by vLLM's connector factory).
 """

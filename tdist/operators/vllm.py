@@ -280,7 +280,7 @@ class VllmEngine(LLMEngine):
                 # the engine's processes inherit this environment: its own side channel
                 side = side_channel_env(self.disagg_parameters)
                 os.environ.update(side)
-                os.environ.update(nixl_env(self.disagg_parameters))
+                os.environ.update(nixl_env(self.disagg_parameters, self.role))
                 if self.logger is not None:
                     self.logger.info("role %s: %s (%s) side channel %s:%s", self.role, kv_cfg["kv_connector"], kv_cfg["kv_role"],
                                      side["VLLM_NIXL_SIDE_CHANNEL_HOST"], side["VLLM_NIXL_SIDE_CHANNEL_PORT"])

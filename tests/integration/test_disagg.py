@@ -128,6 +128,12 @@ def disagg(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
         assert ref.returncode == 0, f"reference engine failed:\n{ref_log[-3000:]}"
         status = json.loads(_run(TDIST + ["status", "--name", name, "--json"], env).stdout)
         asyncio.run(_warm_kv_paths(status["nats_url"], name))
+    except BaseException:
+        from tests.conftest import print_log_tails
+
+        print_log_tails(home)  # a deployment that failed to come up or warm up: its logs say why
+        raise
+    else:
         yield {"name": name, "env": env, "nats_url": status["nats_url"], "reference": json.loads(ref_out.read_text()),
                "home": home, "status": status}
     finally:
@@ -263,7 +269,7 @@ async def test_short_prompts_prefill_on_the_generation_worker(disagg: dict[str, 
 
 async def test_lost_kv_handle_means_local_prefill_with_the_right_answer(disagg: dict[str, Any]) -> None:
     """A handle to an engine that is gone (dead side channel): the generation engine recomputes."""
-    from tdist.operators.disagg import free_port
+    from tdist.runtime.ports import free_port
 
     client = await _client(disagg)
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from tdist.launch.rundir import RunState, pid_alive
+from tdist.runtime.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "scripts" / "cluster.sh"
@@ -32,14 +32,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="slurmd needs root"),
     pytest.mark.timeout(300),
 ]
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture(scope="module")

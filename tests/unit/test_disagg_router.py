@@ -38,7 +38,9 @@ def test_nixl_env_from_parameters() -> None:
     from tdist.errors import OperatorLoadError
     from tdist.operators.disagg import nixl_env
 
-    assert nixl_env({}) == {"TDIST_NIXL_PROGRESS": "busy"}
+    assert nixl_env({}) == {"TDIST_NIXL_PROGRESS": "busy"}  # a context engine: the passive side of every READ
+    assert nixl_env({}, "generation") == {"TDIST_NIXL_PROGRESS": "off"}  # it polls its own pulls each step
+    assert nixl_env({"nixl_progress": "busy"}, "generation")["TDIST_NIXL_PROGRESS"] == "busy"
     assert nixl_env({"nixl_progress_thread": True})["TDIST_NIXL_PROGRESS"] == "busy"
     assert nixl_env({"nixl_progress_thread": False})["TDIST_NIXL_PROGRESS"] == "off"
     assert nixl_env({"nixl_progress": "OFF"})["TDIST_NIXL_PROGRESS"] == "off"
@@ -47,8 +49,12 @@ def test_nixl_env_from_parameters() -> None:
 
 
 def test_side_channel_env_picks_a_free_port_unless_given() -> None:
+    from tdist.runtime.ports import ephemeral_range
+
     env = side_channel_env({}, {})
-    assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.0.1" and int(env["VLLM_NIXL_SIDE_CHANNEL_PORT"]) > 0
+    port = int(env["VLLM_NIXL_SIDE_CHANNEL_PORT"])
+    lo, hi = ephemeral_range()
+    assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.0.1" and not lo <= port <= hi
     assert side_channel_env({"kv_side_channel_port": 7777}, {})["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "7777"
 
 

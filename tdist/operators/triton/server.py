@@ -14,7 +14,6 @@ import ctypes
 import logging
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -24,16 +23,11 @@ import numpy as np
 
 from tdist.errors import BadRequest, LaunchError, OperatorError
 from tdist.operators.triton.install import TritonInstall
+from tdist.runtime.ports import free_ports
 
 log = logging.getLogger("tdist.triton")
 
 READY_TIMEOUT_S = 120.0
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _child_setup() -> None:  # runs in the child between fork and exec
@@ -101,7 +95,7 @@ class TritonProcessEngine:
         self.repository.mkdir(parents=True, exist_ok=True)
         self.install.make_backend_dir(self.backend_dir)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.ports = {k: free_port(self.host) for k in ("http", "grpc", "metrics")}
+        self.ports = dict(zip(("http", "grpc", "metrics"), free_ports(3, self.host)))
         self._log_file = open(self.log_path, "ab")
         argv = self.argv()
         log.info("starting Triton server process: %s (log %s)", " ".join(argv), self.log_path)
