@@ -55,7 +55,7 @@ def write_graph(path: Path, name: str, model: Path, max_model_len: int, agg_cpus
     ops = [op for op in g["operators"] if op["name"] not in ("frontend", "router")]
     for op in ops:
         if op["name"] == "generation":
-            op["parameters"]["cpu_bind"] = "0"
+            op.setdefault("parameters", {})["cpu_bind"] = "0"
     ops += [
         {"name": "llm", "kind": "vllm", "model": str(model), "max_inflight_requests": 64,  # aggregated
          "parameters": {"cpu_bind": agg_cpus}},

@@ -78,6 +78,19 @@ def validate(
     raise typer.Exit(2)
 
 
+def compact_cpu_list(ids: list[int]) -> str:
+    """[0, 1, 2, 5] → "0-2,5" (the form taskset and VLLM_CPU_OMP_THREADS_BIND take)."""
+    parts: list[str] = []
+    for c in sorted(set(ids)):
+        if parts and "-" not in parts[-1] and int(parts[-1]) == c - 1:
+            parts[-1] = f"{c - 1}-{c}"
+        elif parts and "-" in parts[-1] and int(parts[-1].split("-")[1]) == c - 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{c}"
+        else:
+            parts.append(str(c))
+    return ",".join(parts)
+
+
 def _table(plan, plan_path: str) -> None:  # noqa: ANN001
     from tdist.plan import emit_mpirun, emit_srun
 
@@ -89,7 +102,8 @@ def _table(plan, plan_path: str) -> None:  # noqa: ANN001
     out.print(f"request plane: {escape(rp)} · discovery: {escape(disc)} · data plane: {plan.data_plane.kind} "
               f"(inline ≤ {plan.data_plane.inline_threshold_bytes} B)")
     table = Table(title_justify="left", show_lines=False)
-    for col in ("rank", "worker", "operators", "node", "GPUs", "metrics", "log"):
+    cpus_col = any(w.cpu_ids for w in plan.workers)  # the plan binds CPU engines (cluster.cpus_per_node)
+    for col in ("rank", "worker", "operators", "node", "GPUs") + (("CPUs",) if cpus_col else ()) + ("metrics", "log"):
         table.add_column(col, overflow="fold")
     for i, w in enumerate(plan.workers):
         ops = ", ".join(f"{o.name} ({o.kind}{'' if o.role == 'both' else ' ' + o.role})" for o in w.operators)
@@ -99,7 +113,8 @@ def _table(plan, plan_path: str) -> None:  # noqa: ANN001
             gpus += f" @{w.gpu_fraction:g}"
         rank = str(w.rank) if w.rank is not None else f"svc {i}"
         metrics = "auto" if w.metrics_port == 0 else str(w.metrics_port)
-        table.add_row(rank, escape(w.name), escape(ops), escape(node), gpus, metrics,
+        cpus = (compact_cpu_list(w.cpu_ids) or "-",) if cpus_col else ()
+        table.add_row(rank, escape(w.name), escape(ops), escape(node), gpus, *cpus, metrics,
                       escape(os.path.relpath(w.log_path, plan.run_dir) if w.log_path else "-"))
     out.print(table)
     if plan.launcher == "mpirun":

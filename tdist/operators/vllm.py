@@ -483,5 +483,12 @@ def cpu_bind_of(param: Any, cpu_ids: list[int], replica: int) -> str | None:
     if param not in (None, "", "auto"):
         return str(param)
     if cpu_ids:
-        return ",".join(str(c) for c in cpu_ids)
+        # the plan's cores (cluster.cpus_per_node) that this process may use; a graph written for a
+        # bigger machine than this one falls back to vLLM's own binding rather than failing
+        try:
+            usable = [c for c in cpu_ids if c in os.sched_getaffinity(0)]
+        except (AttributeError, OSError):  # pragma: no cover - no affinity API
+            usable = list(cpu_ids)
+        if usable:
+            return ",".join(str(c) for c in usable)
     return None

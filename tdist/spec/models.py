@@ -286,6 +286,11 @@ class ClusterSpec(SpecModel):
 
     nodes: int = Field(1, ge=1, description="Number of nodes")
     gpus_per_node: int = Field(0, ge=0, description="GPUs on each node (0: CPU-only)")
+    cpus_per_node: int = Field(
+        0, ge=0,
+        description="CPU cores on each node. On a CPU-only cluster (gpus_per_node 0) the plan then gives every "
+        "LLM engine its own cores (its worker's cpu_ids), context engines apart from the rest; 0: the plan "
+        "binds nothing (vLLM's own binding, or the operator's parameters.cpu_bind)")
     hosts: list[str] = Field(default_factory=list, description="Node hostnames, one per node (optional)")
 
 

@@ -92,7 +92,7 @@ def make_test_graph(model: Path, out: Path, name: str) -> Path:
         if op["name"] == "router":
             op["parameters"].update({"disagg_min_prompt_tokens": THRESHOLD, "context_timeout_s": 5})
         if op["name"] == "generation":
-            op["parameters"]["kv_pull_timeout_s"] = 90  # a slow pull on 2 loaded cores still completes
+            op.setdefault("parameters", {})["kv_pull_timeout_s"] = 90  # a slow pull on 2 loaded cores still completes
     g["operators"].append({"name": "router_kv", "kind": "router", "targets": ["generation"], "max_inflight_requests": 64,
                            "parameters": {"policy": "kv"}})
     for w in g["workers"]:

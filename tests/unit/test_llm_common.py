@@ -167,7 +167,10 @@ def test_cpu_bind_choice() -> None:
     from tdist.operators.vllm import cpu_bind_of
 
     assert cpu_bind_of(None, [], 0) is None and cpu_bind_of("auto", [], 3) is None
-    assert cpu_bind_of(None, [2, 3], 0) == "2,3"
+    aff = sorted(os.sched_getaffinity(0))
+    assert cpu_bind_of(None, aff, 0) == ",".join(map(str, aff))
+    assert cpu_bind_of(None, [aff[0], max(aff) + 1], 0) == str(aff[0])  # a core this machine lacks is dropped
+    assert cpu_bind_of(None, [max(aff) + 1], 0) is None  # none left: vLLM's own binding
     assert cpu_bind_of("0-3", [5], 1) == "0-3"
     assert cpu_bind_of("replica", [], 5) == str(5 % (os.cpu_count() or 1))
 
