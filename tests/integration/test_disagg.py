@@ -188,16 +188,25 @@ def _ids(chunks: list[Any]) -> list[int]:
     return [int(i) for c in chunks for i in c.outputs.get("token_ids", [])]
 
 
-async def _stats(client: Any, op: str) -> dict[str, dict[str, Any]]:
-    workers = await client.workers(max_age_s=0)
-    return {n: e["per_operator"][op]["stats"] for n, e in workers.items() if op in e.get("per_operator", {})}
+async def _stats(client: Any, op: str, since: float | None = None) -> dict[str, dict[str, Any]]:
+    """The stats of `op` on every worker hosting it; with `since` (a time.time()), from heartbeats
+    sent after it — so they count every request finished before it (a heartbeat lags up to a beat)."""
+    deadline = time.monotonic() + 15
+    while True:
+        workers = await client.workers(max_age_s=0)
+        hosts = {n: e for n, e in workers.items() if op in e.get("per_operator", {})}
+        if since is None or all(e.get("heartbeat_at", 0) > since for e in hosts.values()):
+            return {n: e["per_operator"][op]["stats"] for n, e in hosts.items()}
+        assert time.monotonic() < deadline, f"no heartbeat from every {op} worker within 15 s"
+        await asyncio.sleep(0.25)
 
 
 async def _fresh_stats(client: Any, op: str, served_at_least: int) -> dict[str, dict[str, Any]]:
-    """Stats once the workers' heartbeats reflect `served_at_least` requests (they lag a beat)."""
+    """Stats from after now once they reflect `served_at_least` requests."""
+    since = time.time()
     deadline = time.monotonic() + 15
     while True:
-        st = await _stats(client, op)
+        st = await _stats(client, op, since)
         if sum(s.get("served", 0) for s in st.values()) >= served_at_least or time.monotonic() > deadline:
             return st
         await asyncio.sleep(0.25)
@@ -221,7 +230,7 @@ def _sum(stats: dict[str, dict[str, Any]], key: str) -> int:
 async def test_disaggregated_greedy_equals_one_engine_and_kv_arrives_by_transfer(disagg: dict[str, Any]) -> None:
     client = await _client(disagg)
     try:
-        gen0 = await _stats(client, "generation")
+        gen0 = await _stats(client, "generation", since=time.time())  # the warm-up's requests counted
         for p in PROMPTS:
             chunks = await _generate(client, "router", prompt=p, max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True)
             ref = disagg["reference"][p]
