@@ -135,8 +135,18 @@ def _cpu_only() -> bool:
 
 
 def build_engine_args(args: dict[str, Any]) -> Any:
-    """dict → vllm AsyncEngineArgs; unknown keys are an error that lists close names."""
+    """dict → vllm AsyncEngineArgs; a missing model directory or an unknown key is an error that
+    says what to do (unknown keys: the close names)."""
     import difflib
+
+    if "model" not in args:
+        raise OperatorLoadError("vLLM engine args need 'model' (a local directory or model name)")
+    model = str(args["model"])
+    if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model)):
+        # else Hugging Face's "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"
+        raise OperatorLoadError(
+            f"model {model!r}: no such directory (a path; a Hugging Face repo id looks like 'org/name'). "
+            "Build the tiny test model with `python scripts/make_tiny_model.py models/tiny-llama`, or fix llm.model")
 
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -148,8 +158,6 @@ def build_engine_args(args: dict[str, Any]) -> Any:
             close = difflib.get_close_matches(k, sorted(fields), n=1)
             hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise OperatorLoadError(f"unknown vLLM engine args: {', '.join(hints)}")
-    if "model" not in args:
-        raise OperatorLoadError("vLLM engine args need 'model' (a local directory or model name)")
     args = dict(args)
     if _cpu_only():
         for k, v in CPU_DEFAULTS.items():

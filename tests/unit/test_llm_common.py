@@ -199,3 +199,15 @@ def test_cpu_list_and_pinning() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_missing_model_directory_says_so_not_hugging_face_repo_syntax(tmp_path) -> None:
+    from tdist.errors import OperatorLoadError
+    from tdist.operators.vllm import build_engine_args
+
+    for model in (str(tmp_path / "nope"), "./models/nope", "../nope"):
+        with pytest.raises(OperatorLoadError, match="no such directory") as info:
+            build_engine_args({"model": model})
+        assert "make_tiny_model.py" in str(info.value)
+    with pytest.raises(OperatorLoadError, match="need 'model'"):
+        build_engine_args({})
