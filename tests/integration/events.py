@@ -42,3 +42,19 @@ class Events:
                     return ev
 
         return await asyncio.wait_for(loop(), timeout_s)
+
+    async def wait_while(self, pred: Callable[[dict[str, Any]], bool], call: "asyncio.Future[Any]",
+                         timeout_s: float = 20.0) -> dict[str, Any]:
+        """wait(pred), but if `call` (the request that should cause the event) ends first, fail
+        with what it ended with — not a bare timeout 20 s later."""
+        waiting = asyncio.ensure_future(self.wait(pred, timeout_s))
+        await asyncio.wait({waiting, call}, return_when=asyncio.FIRST_COMPLETED)
+        if waiting.done() or not call.done():
+            return await waiting
+        waiting.cancel()
+        try:
+            outcome = f"answered {call.result()!r}"
+        except BaseException as exc:  # noqa: BLE001 - reported, whatever it is
+            outcome = f"failed with {type(exc).__name__}: {exc}"
+        raise AssertionError(f"the request ended before the awaited event ({outcome}); events seen: {self.seen}")
+

@@ -14,7 +14,7 @@ import pytest
 
 from tdist.errors import NoWorkerError, OperatorError, PayloadTooLarge, RequestTimeout, WorkerLost
 from tdist.runtime.planes.discovery import bucket_name
-from tests.conftest import unique_name, worker_config
+from tests.conftest import print_log_tails, unique_name, worker_config
 from tests.integration.events import Events
 
 
@@ -120,7 +120,11 @@ async def test_worker_killed_mid_request_is_redelivered_and_restarted(deploy, na
     d = await deploy(ws)
     async with Events(nats_server.url, subject) as events:
         call = asyncio.ensure_future(anext(d.client.infer("slow", parameters={"sleep_s": 1.0}, timeout_s=20)))
-        started = await events.wait(lambda e: e["kind"] == "started")
+        try:
+            started = await events.wait_while(lambda e: e["kind"] == "started", call)
+        except BaseException:
+            print_log_tails(d.sup.run_dir)  # the workers' side of it
+            raise
         victim = started["worker"]
         old_pid = started["pid"]
         os.kill(old_pid, signal.SIGKILL)
