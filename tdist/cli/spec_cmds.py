@@ -80,15 +80,13 @@ def validate(
 
 def compact_cpu_list(ids: list[int]) -> str:
     """[0, 1, 2, 5] → "0-2,5" (the form taskset and VLLM_CPU_OMP_THREADS_BIND take)."""
-    parts: list[str] = []
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive cores
     for c in sorted(set(ids)):
-        if parts and "-" not in parts[-1] and int(parts[-1]) == c - 1:
-            parts[-1] = f"{c - 1}-{c}"
-        elif parts and "-" in parts[-1] and int(parts[-1].split("-")[1]) == c - 1:
-            parts[-1] = f"{parts[-1].split('-')[0]}-{c}"
+        if runs and runs[-1][1] == c - 1:
+            runs[-1][1] = c
         else:
-            parts.append(str(c))
-    return ",".join(parts)
+            runs.append([c, c])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _table(plan, plan_path: str) -> None:  # noqa: ANN001

@@ -48,10 +48,6 @@ def find_etcd_binary(name: str = "etcd") -> str:
     )
 
 
-def _free_ports(n: int) -> list[int]:
-    return free_ports(n, "127.0.0.1")
-
-
 def _tail(path: Path, lines: int = 20) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -171,7 +167,7 @@ def start_etcd(
         ddir = Path(tempfile.mkdtemp(prefix="tdist-etcd-")) if owns else Path(data_dir)  # type: ignore[arg-type]
         ddir.mkdir(parents=True, exist_ok=True)
         lpath = Path(log_path) if log_path else ddir / "etcd.log"
-        client_port, peer_port = _free_ports(2)
+        client_port, peer_port = free_ports(2, "127.0.0.1")
         logf = open(lpath, "ab")
         proc = subprocess.Popen(
             etcd_command(binary, ddir / "data", client_port, peer_port, host=host, advertise_host=advertise_host),

@@ -494,9 +494,10 @@ def cpu_bind_of(param: Any, cpu_ids: list[int], replica: int) -> str | None:
         # the plan's cores (cluster.cpus_per_node) that this process may use; a graph written for a
         # bigger machine than this one falls back to vLLM's own binding rather than failing
         try:
-            usable = [c for c in cpu_ids if c in os.sched_getaffinity(0)]
+            allowed = os.sched_getaffinity(0)
         except (AttributeError, OSError):  # pragma: no cover - no affinity API
-            usable = list(cpu_ids)
+            allowed = set(cpu_ids)
+        usable = [c for c in cpu_ids if c in allowed]
         if usable:
             return ",".join(str(c) for c in usable)
     return None
