@@ -13,6 +13,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -294,9 +295,12 @@ def test_cli_infer_streams_text(monolith: dict[str, Any]) -> None:
                     "--prompt", "Describe the capital of France", "--max-tokens", "10"]
     proc = _run(args, monolith["env"])
     assert proc.stdout.strip(), proc.stderr
-    assert "10 chunk(s)" in proc.stderr
+    # streamed: one chunk per token, except that vLLM merges the tokens a lagging reader has not
+    # taken yet into one output (CI once saw 9 chunks for 10 tokens on a loaded box)
+    chunks = int(re.search(r"(\d+) chunk\(s\)", proc.stderr).group(1))
+    assert 2 <= chunks <= 10, proc.stderr
     proc = _run(args + ["--temperature", "0.5", "--json"], monolith["env"])
     lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.strip()]
-    assert len(lines) == 10 and lines[-1]["final"] and not lines[0]["final"]
+    assert 2 <= len(lines) <= 10 and lines[-1]["final"] and not lines[0]["final"]
     assert all("text" in ln["parameters"] for ln in lines)
     assert lines[-1]["parameters"]["usage"]["completion_tokens"] == 10
