@@ -13,8 +13,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]*$"
-"""Operator/worker/deployment names: they become NATS subjects and stream names (no dots, no spaces)."""
+from tdist.names import NAME_PATTERN  # names become subjects, streams and run directories
 
 IMPLEMENTATION_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 """`pkg.mod:Class` — only the syntax is checked here; the runtime imports it."""
