@@ -76,6 +76,19 @@ class PlanError(TdistError):
     exit_code = 2
 
 
+class InvalidName(TdistError):
+    """A name given on the command line (`--name`) breaks the name rule; says what to use instead."""
+
+    exit_code = 2
+
+    def __init__(self, where: str, got: str, rule: str, hint: str) -> None:
+        self.where, self.got, self.rule, self.hint = where, got, rule, hint
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        return f"{self.where}: {self.rule} (got {self.got!r})\n  fix: {self.hint}"
+
+
 class LaunchError(TdistError):
     """Starting processes failed. `log_tail` carries the last lines of what failed."""
 

@@ -13,6 +13,8 @@ from typing import Any, AsyncIterator
 
 import pytest
 
+pytest_plugins = ["pytester", "tests.ci_skips"]
+
 REPO = Path(__file__).resolve().parent.parent
 HELLO_OPS = REPO / "examples" / "hello_world" / "operators"
 TEST_OPS = Path(__file__).resolve().parent / "integration"

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -46,16 +45,13 @@ def render_command(plan: Any, *, nats_url: Optional[str] = None) -> str:
 
 
 def _prepare_run_dir(plan: Any, *, launch: dict[str, Any]) -> Path:
-    from tdist.launch.rundir import live_runs, run_dir_for
+    from tdist.launch.rundir import prepare_run_dir
 
-    if any(r.deployment == plan.deployment for r in live_runs()):
-        raise LaunchError(
-            f"deployment {plan.deployment!r} is already running; stop it first (tdist stop --name {plan.deployment}) or pass --name"
-        )
-    run_dir = Path(plan.run_dir) if plan.run_dir else run_dir_for(plan.deployment)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    (run_dir / "logs").mkdir(parents=True)
+    run_dir, previous = prepare_run_dir(plan.deployment)
+    if Path(plan.run_dir) != run_dir:
+        raise LaunchError(f"plan's run directory {plan.run_dir} is not the deployment's {run_dir}")
+    if previous is not None:
+        err.print(f"[dim]previous run of {plan.deployment} kept in {previous}[/]")
     (run_dir / "plan.json").write_text(plan.model_dump_json(indent=2))
     (run_dir / "launch.json").write_text(json.dumps(launch))
     return run_dir

@@ -32,8 +32,10 @@ def _plan_graph(graph: Path, launcher: str, name: Optional[str]) -> Any:
     from tdist.plan import build_plan
     from tdist.spec import load_graph
 
-    from tdist.launch.rundir import run_dir_for
+    from tdist.launch.rundir import check_deployment_name, run_dir_for
 
+    if name:
+        check_deployment_name(name)  # before anything: a --name is a name, never a path
     spec = load_graph(graph)
     if name:
         spec = spec.model_copy(update={"name": name})
@@ -56,7 +58,7 @@ def deploy(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run, start nothing."),
 ) -> None:
     """Deploy a graph: start NATS (embedded by default) and every worker, wait until all are ready."""
-    from tdist.launch.rundir import RunState, live_runs, run_dir_for
+    from tdist.launch.rundir import prepare_run_dir
 
     plan = _plan_graph(graph, launcher, name)
     startup_timeout_s = startup_timeout_s if startup_timeout_s is not None else plan.startup_timeout_s
@@ -71,15 +73,9 @@ def deploy(
             out.print(f"{w.name}: {sys.executable} -m tdist.runtime.worker --config <run-dir>/workers/{w.name}.json")
         out.print(f"request plane: {url or 'embedded nats-server (started by tdist)'}")
         return
-    if any(r.deployment == plan.deployment for r in live_runs()):
-        raise LaunchError(f"deployment {plan.deployment!r} is already running; stop it first (tdist stop --name {plan.deployment}) or pass --name")
-    run_dir = run_dir_for(plan.deployment)
-    if run_dir.exists():
-        import shutil
-
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    (run_dir / "logs").mkdir()
+    run_dir, previous = prepare_run_dir(plan.deployment)
+    if previous is not None:
+        err.print(f"[dim]previous run of {plan.deployment} kept in {previous}[/]")
     (run_dir / "plan.json").write_text(plan.model_dump_json(indent=2))
     (run_dir / "launch.json").write_text(
         json.dumps(
@@ -199,6 +195,9 @@ async def _client_for(name: Optional[str], nats_url: Optional[str]) -> Any:
     if nats_url:
         if not name:
             raise BadRequest("with --nats-url, name the deployment with --name")
+        from tdist.launch.rundir import check_deployment_name
+
+        check_deployment_name(name)  # it becomes NATS subjects and stream names
         return await RequestClient.connect(nats_url, name)
     state = find_run(name)
     if not state.nats_url:

@@ -3,6 +3,11 @@
 `$TDIST_HOME/runs/<deployment>/` (TDIST_HOME defaults to ~/.tdist) holds state.json (NATS URL,
 pids, state, log dir), plan.json, workers/<name>.json and logs/. The supervisor is its only
 writer; writes are atomic (temp file + rename) so readers never see half a file.
+
+A run directory is always a direct child of `runs/`: the deployment name passes the name rule
+(`tdist.names`) before it becomes a path, so `--name ../../x` is refused, never followed. A
+re-deploy never deletes: the previous run of that name (logs, recorded pids) is moved aside to
+`runs/.previous/<name>/<time>/`, keeping the newest `KEEP_PREVIOUS_RUNS`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tdist.errors import DeploymentNotFound
+from tdist.errors import DeploymentNotFound, InvalidName, LaunchError
+from tdist.names import NAME_RULE, is_valid_name, suggest_name
+
+#: How many earlier runs of one deployment name `prepare_run_dir` keeps under runs/.previous/.
+KEEP_PREVIOUS_RUNS = 3
 
 
 def tdist_home() -> Path:
@@ -26,8 +35,53 @@ def runs_root() -> Path:
     return tdist_home() / "runs"
 
 
-def run_dir_for(deployment: str) -> Path:
-    return runs_root() / deployment
+def check_deployment_name(name: str, where: str = "--name") -> str:
+    """`name` if it passes the name rule, else InvalidName (exit 2) with a valid suggestion."""
+    if not is_valid_name(name):
+        raise InvalidName(where, name, NAME_RULE, f"use a plain name, e.g. {where} {suggest_name(str(name))}")
+    return name
+
+
+def run_dir_for(deployment: str, where: str = "--name") -> Path:
+    """`$TDIST_HOME/runs/<deployment>`: a checked name, so always a direct child of runs/."""
+    return runs_root() / check_deployment_name(deployment, where)
+
+
+def prepare_run_dir(deployment: str) -> tuple[Path, Path | None]:
+    """A fresh, empty run directory for `deployment`; returns (run_dir, where the previous run went).
+
+    Refuses (LaunchError) when the name's run is still alive, or when `runs/<name>` is not a plain
+    directory (a symlink or a file: something tdist did not make). Never deletes a run directory:
+    an earlier run is renamed to `runs/.previous/<name>/<UTC time>/` and only the oldest of those
+    beyond `KEEP_PREVIOUS_RUNS` are removed, all inside `runs/.previous/<name>/`.
+    """
+    run_dir = run_dir_for(deployment)
+    if any(r.deployment == deployment for r in live_runs()):
+        raise LaunchError(
+            f"deployment {deployment!r} is already running; stop it first (tdist stop --name {deployment}) or pass --name"
+        )
+    moved: Path | None = None
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise LaunchError(f"{run_dir} is not a run directory tdist made (a symlink or a file); remove it or pass --name")
+    if run_dir.exists():
+        previous = runs_root() / ".previous" / deployment
+        previous.mkdir(parents=True, exist_ok=True)
+        now_ns = time.time_ns()  # names sort by time: pruning removes the oldest
+        moved = previous / (time.strftime("%Y%m%dT%H%M%S", time.gmtime(now_ns / 1e9)) + f".{now_ns % 10**9:09d}Z")
+        if moved.exists():
+            raise LaunchError(f"{moved} exists already; is another tdist deploying {deployment!r} right now?")
+        os.replace(run_dir, moved)
+        _prune_previous(previous)
+    (run_dir / "logs").mkdir(parents=True)
+    return run_dir, moved
+
+
+def _prune_previous(previous: Path) -> None:
+    import shutil
+
+    kept = sorted((p for p in previous.iterdir() if p.is_dir() and not p.is_symlink()), key=lambda p: p.name)
+    for old in kept[:-KEEP_PREVIOUS_RUNS]:
+        shutil.rmtree(old)
 
 
 @dataclass
@@ -134,7 +188,7 @@ def live_runs() -> list[RunState]:
 def find_run(name: str | None = None) -> RunState:
     """The deployment to act on: the named one, or the only one running."""
     if name:
-        path = run_dir_for(name) / "state.json"
+        path = run_dir_for(name) / "state.json"  # a checked name: never a path outside runs/
         if not path.exists():
             known = [r.deployment for r in live_runs()]
             raise DeploymentNotFound(

@@ -64,6 +64,7 @@ def test_unknown_build_arg_is_an_error() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.opt_in
 @pytest.mark.skipif(os.environ.get("TDIST_CHECK_IMAGE_DEPS") != "1",
                     reason="asks the package index; set TDIST_CHECK_IMAGE_DEPS=1 to run")
 @pytest.mark.parametrize("framework", ["STANDARD", "VLLM"])
