@@ -12,7 +12,7 @@ from typing import Any, Union
 
 from pydantic import BaseModel, Discriminator, Tag
 
-Loc = tuple[str | int, ...]
+from tdist.spec.problem import Loc
 
 
 def tag_map(tp: Any) -> tuple[dict[str, Any], Any] | None:
@@ -54,6 +54,7 @@ def unwrap(tp: Any, node: Any = None) -> Any:
 
 
 def child(node: Any, part: str | int) -> Any:
+    """The plain data one step down (None where there is none)."""
     if isinstance(node, dict):
         return node.get(part)
     if isinstance(node, list) and isinstance(part, int) and part < len(node):
@@ -84,11 +85,13 @@ def type_at(root: type[BaseModel], loc: Loc, data: Any = None, *, resolve: bool 
 
 
 def model_at(root: type[BaseModel], loc: Loc, data: Any) -> type[BaseModel] | None:
+    """The model at `loc`, None where the path leads to a scalar, a container or nowhere."""
     tp = type_at(root, loc, data)
     return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
 
 
 def field_names(model: type[BaseModel]) -> list[str]:
+    """The keys a mapping of `model` may have, aliases included (`tensor_parallel_size`)."""
     names = []
     for name, f in model.model_fields.items():
         names.append(name)
