@@ -19,7 +19,16 @@ from tdist.runtime.config import (
     WorkerConfig,
 )
 from tdist.spec.checks import default_targets
-from tdist.spec.models import GraphSpec, OperatorSpec, ServerSetSpec
+from tdist.spec.models import GraphSpec, ServerSetSpec
+from tdist.spec.operators import (
+    FrontendOperatorSpec,
+    OperatorSpec,
+    PythonOperatorSpec,
+    RouterOperatorSpec,
+    TritonOperatorSpec,
+    TrtllmOperatorSpec,
+    VllmOperatorSpec,
+)
 from tdist.spec.placement import Layout, Proc, build_layout, server_operator_name
 from tdist.plan.model import LAUNCHERS, MpirunPlan, Plan, SrunPlan
 
@@ -36,21 +45,28 @@ def resolve_model(base: str, model: str | None) -> str | None:
 
 
 def _operator_config(spec: GraphSpec, op: OperatorSpec, base: str) -> OperatorConfig:
-    params = dict(op.parameters)
-    targets = list(op.targets) or default_targets(spec, op)
+    """One declared operator as the runtime reads it. Typed parameters become the dict keys the
+    operators read; only the settings the graph gives are passed, so the operators' own defaults
+    (which the spec's descriptions name) apply to the rest."""
+    if isinstance(op, PythonOperatorSpec):
+        params: dict[str, Any] = dict(op.parameters)
+    else:
+        params = op.parameters.model_dump(exclude_unset=True)
     extra: dict[str, Any] = {}
-    if op.kind == "frontend":
+    if isinstance(op, (RouterOperatorSpec, FrontendOperatorSpec)):
+        extra["targets"] = list(op.targets) or default_targets(spec, op)
+    if isinstance(op, FrontendOperatorSpec):
         llm = spec.llm
-        params.setdefault("protocol", op.protocol or "openai")
+        params["protocol"] = op.protocol
         host = op.host or (llm.hostname if llm and llm.hostname else None)
         if host:  # else the frontend's own default (127.0.0.1)
-            params.setdefault("host", host)
-        params.setdefault("port", op.port if op.port is not None else (llm.port if llm and llm.port is not None else 8000))
-    if op.kind == "triton":
+            params["host"] = host
+        params["port"] = op.port if op.port is not None else (llm.port if llm and llm.port is not None else 8000)
+    if isinstance(op, TritonOperatorSpec):
         extra["repository"] = _abs(base, op.repository or ".")
         extra["model_name"] = op.model_name or op.name
         extra["triton_config"] = op.triton_config.model_dump(exclude_none=True) if op.triton_config else {}
-    if op.kind in ("vllm", "trtllm"):
+    if isinstance(op, (VllmOperatorSpec, TrtllmOperatorSpec)):
         args = dict(spec.llm.engine_args) if spec.llm else {}
         args.update(op.engine_args)
         model = resolve_model(base, op.model or (spec.llm.model if spec.llm else None))
@@ -59,16 +75,19 @@ def _operator_config(spec: GraphSpec, op: OperatorSpec, base: str) -> OperatorCo
         extra["engine_args"] = args
         extra["role"] = op.role
     return OperatorConfig(
-        name=op.name, kind=op.kind, implementation=op.implementation, version=op.version,
-        max_inflight_requests=op.max_inflight_requests, parameters=params, log_level=op.log_level,
-        targets=targets, **extra,
+        name=op.name, kind=op.kind, implementation=op.implementation if isinstance(op, PythonOperatorSpec) else None,
+        version=op.version, max_inflight_requests=op.max_inflight_requests, parameters=params, log_level=op.log_level,
+        **extra,
     )
 
 
 def _server_operator(spec: GraphSpec, key: str, role: str, s: ServerSetSpec, base: str,
-                     template: OperatorConfig | None, url: str | None) -> OperatorConfig:
+                     template: OperatorConfig | None, template_spec: OperatorSpec | None, url: str | None) -> OperatorConfig:
+    """The operator of an LLM server set: llm.engine_args < the declared operator's < the set's,
+    plus what the layout says in the engine's own terms (the checks reject what it cannot say)."""
     llm = spec.llm
     assert llm is not None
+    kind = template.kind if template else llm.engine
     args: dict[str, Any] = dict(llm.engine_args)
     if template is not None:
         args.update(template.engine_args)
@@ -78,19 +97,25 @@ def _server_operator(spec: GraphSpec, key: str, role: str, s: ServerSetSpec, bas
         args["model"] = model
     args["tensor_parallel_size"] = s.tp_size
     args["pipeline_parallel_size"] = s.pp_size
-    if s.kv_cache_config:
-        args["kv_cache_config"] = dict(s.kv_cache_config)
-    if llm.backend:
-        args.setdefault("backend", llm.backend)
-    if s.gpu_fraction is not None:
-        args.setdefault("gpu_fraction", s.gpu_fraction)
+    if kind == "trtllm":  # TensorRT-LLM's own settings; the trtllm operator maps gpu_fraction to its KV cache
+        if s.kv_cache_config:
+            args["kv_cache_config"] = dict(s.kv_cache_config)
+        if llm.backend:
+            args.setdefault("backend", llm.backend)
+        if s.gpu_fraction is not None:
+            args.setdefault("gpu_fraction", s.gpu_fraction)
+    elif s.gpu_fraction is not None:  # vLLM: the share of each GPU the engine may fill
+        args.setdefault("gpu_memory_utilization", s.gpu_fraction)
     params = dict(template.parameters) if template else {}
     if url:
         params["url"] = url
+    # the set's own max_inflight_requests unless only the declared operator sets one (they must agree)
+    explicit = template_spec is not None and "max_inflight_requests" in template_spec.model_fields_set \
+        and "max_inflight_requests" not in s.model_fields_set
     return OperatorConfig(
-        name=server_operator_name(key, s), kind=template.kind if template else llm.engine,
+        name=server_operator_name(key, s), kind=kind,
         version=template.version if template else 1,
-        max_inflight_requests=template.max_inflight_requests if template else s.max_inflight_requests,
+        max_inflight_requests=template.max_inflight_requests if explicit and template else s.max_inflight_requests,
         parameters=params, log_level=template.log_level if template else "INFO",
         engine_args=args, role=role,  # type: ignore[arg-type]
     )
@@ -170,13 +195,15 @@ def build_plan(spec: GraphSpec, *, launcher: str = "local", run_dir: str | None 
     discovery = DiscoveryConfig(kind=d.kind, etcd_endpoints=list(endpoints) if isinstance(endpoints, list) else [], ttl_s=d.ttl_s)
 
     ops = {op.name: _operator_config(spec, op, base) for op in spec.operators}
+    declared = {op.name: op for op in spec.operators}
     server_ops: dict[tuple[str, int], OperatorConfig] = {}
     for key, role, s in spec.llm.server_sets() if spec.llm else []:
-        template = ops.get(server_operator_name(key, s))
-        shared = _server_operator(spec, key, role, s, base, template, None)
+        name = server_operator_name(key, s)
+        template, template_spec = ops.get(name), declared.get(name)
+        shared = _server_operator(spec, key, role, s, base, template, template_spec, None)
         for inst in range(s.num_instances):
             url = s.urls[inst] if inst < len(s.urls) else None
-            server_ops[(key, inst)] = _server_operator(spec, key, role, s, base, template, url) if url else shared
+            server_ops[(key, inst)] = _server_operator(spec, key, role, s, base, template, template_spec, url) if url else shared
 
     ops = _with_served_models(ops, list(ops.values()) + list(server_ops.values()))
     worker_env = [dict(common_env, **w.env) for w in spec.workers]

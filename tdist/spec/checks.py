@@ -11,10 +11,17 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 
-from tdist.spec.models import GraphSpec, OperatorSpec
+from tdist.spec.models import GraphSpec
+from tdist.spec.operators import (
+    LLM_KINDS,
+    FrontendOperatorSpec,
+    FrontendParameters,
+    OperatorSpec,
+    RouterOperatorSpec,
+    protocol_of_parameter,
+)
 from tdist.spec.placement import (
     LOCAL_HOSTS,
-    SERVICE_KINDS,
     build_layout,
     processes_per_instance,
     server_engine,
@@ -23,7 +30,6 @@ from tdist.spec.placement import (
 from tdist.spec.problem import Problem
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_LLM_KINDS = frozenset({"vllm", "trtllm"})
 
 
 def _did_you_mean(name: str, known: list[str], what: str) -> str:
@@ -59,24 +65,28 @@ def _check_names(spec: GraphSpec) -> Iterator[Problem]:
                           f"rename the worker, or set llm.{key}.operator")
 
 
-def _check_operator_fields(i: int, op: OperatorSpec) -> Iterator[Problem]:
+def _check_operator_fields(spec: GraphSpec, i: int, op: OperatorSpec) -> Iterator[Problem]:
+    """What one operator's model cannot say alone (the union already rejects another kind's keys)."""
     loc = ("operators", i)
-    set_fields = op.model_fields_set
-    only = {
-        "implementation": {"python"}, "repository": {"triton"}, "model_name": {"triton"}, "triton_config": {"triton"},
-        "model": _LLM_KINDS, "engine_args": _LLM_KINDS, "role": _LLM_KINDS, "targets": SERVICE_KINDS,
-        "protocol": {"frontend"}, "host": {"frontend"}, "port": {"frontend"},
-    }
-    for name, kinds in only.items():
-        if name in set_fields and op.kind not in kinds:
-            yield Problem(loc + (name,), op.kind, f"{name!r} only applies to kind {' / '.join(sorted(kinds))}",
-                          f"remove {name!r} or change kind", on_key=True)
     if op.kind == "python" and not op.implementation:
         yield Problem(loc, op.name, "a python operator needs `implementation`",
                       'add implementation: "module:Class" (the module on python_path)')
     if op.kind == "triton" and not op.repository:
         yield Problem(loc, op.name, "a triton operator needs `repository`",
                       "add repository: path/to/model_repository (relative to the YAML)")
+    if op.kind == "frontend":
+        for key in sorted(op.parameters.model_fields_set):
+            protocols = protocol_of_parameter(key)
+            if protocols is not None and op.protocol not in protocols:
+                yield Problem(loc + ("parameters", key), op.protocol, f"{key!r} only applies to protocol {' / '.join(protocols)}",
+                              f"remove {key!r} or set protocol: {protocols[0]}", True)
+    if op.kind == "router":
+        targets = op.targets or default_targets(spec, op)
+        for key in ("context_target", "generation_target"):
+            name = getattr(op.parameters, key)
+            if name is not None and name not in targets:
+                yield Problem(loc + ("parameters", key), name, "not one of the router's targets",
+                              _did_you_mean(name, targets, "a target"))
 
 
 def _check_operators(spec: GraphSpec) -> Iterator[Problem]:
@@ -84,16 +94,16 @@ def _check_operators(spec: GraphSpec) -> Iterator[Problem]:
     llm_model = spec.llm.model if spec.llm else None
     templates = {server_operator_name(k, s) for k, _r, s in (spec.llm.server_sets() if spec.llm else [])}
     for i, op in enumerate(spec.operators):
-        yield from _check_operator_fields(i, op)
-        if op.kind in _LLM_KINDS and not op.model and not (op.name in templates and llm_model):
+        yield from _check_operator_fields(spec, i, op)
+        if op.kind in LLM_KINDS and not op.model and not (op.name in templates and llm_model):
             yield Problem(("operators", i), op.name, f"a {op.kind} operator needs a model",
                           "add model: path/or/hub-id to the operator (or llm.model)")
-        for j, t in enumerate(op.targets):
+        for j, t in enumerate(op.targets if isinstance(op, (RouterOperatorSpec, FrontendOperatorSpec)) else []):
             if t == op.name:
                 yield Problem(("operators", i, "targets", j), t, "an operator cannot target itself", "name another operator")
             elif t not in known:
                 yield Problem(("operators", i, "targets", j), t, "unknown operator", _did_you_mean(t, known, "an operator"))
-        if op.kind in SERVICE_KINDS and not op.targets and not default_targets(spec, op):
+        if isinstance(op, (RouterOperatorSpec, FrontendOperatorSpec)) and not op.targets and not default_targets(spec, op):
             yield Problem(("operators", i), op.name, f"a {op.kind} needs `targets` (nothing to forward to)",
                           "add targets: [operator, ...]" + (" or an llm section" if op.kind == "router" else ""))
 
@@ -186,14 +196,14 @@ def _check_llm(spec: GraphSpec) -> Iterator[Problem]:
     if not llm.model:
         for key, _role, s in sets:
             tmpl = declared.get(server_operator_name(key, s))
-            if tmpl is None or not tmpl.model:
+            if tmpl is None or not getattr(tmpl, "model", None):
                 yield Problem(("llm",), None, "llm needs a model", "add llm.model: path/or/hub-id (or model on the operator)")
                 break
     cluster = spec.cluster
     for key, _role, s in sets:
         loc = ("llm", key)
         tmpl = declared.get(server_operator_name(key, s))
-        if tmpl is not None and tmpl.kind not in _LLM_KINDS:
+        if tmpl is not None and tmpl.kind not in LLM_KINDS:
             yield Problem(loc + ("operator",), tmpl.name, f"operator {tmpl.name!r} is kind {tmpl.kind}, not vllm/trtllm",
                           "point the set at a vllm/trtllm operator, or drop `operator` to create one")
         if s.urls and len(s.urls) != s.num_instances:
@@ -216,6 +226,48 @@ def _check_llm(spec: GraphSpec) -> Iterator[Problem]:
                           f"(a node has {cluster.gpus_per_node})", "remove urls to let the instance span nodes")
 
 
+def _check_server_sets(spec: GraphSpec) -> Iterator[Problem]:
+    """Layout settings the set's engine has no use for are rejected here, not at engine start;
+    and a set and its declared operator must not disagree."""
+    llm = spec.llm
+    if llm is None:
+        return
+    declared = {op.name: op for op in spec.operators}
+    engines = {key: server_engine(spec, key, s) for key, _role, s in llm.server_sets()}
+    vllm_sets = [key for key, engine in engines.items() if engine == "vllm"]
+    if llm.backend and llm.backend != "pytorch" and vllm_sets:  # vLLM runs on PyTorch: "pytorch" asks for nothing more
+        yield Problem(("llm", "backend"), llm.backend, f"backend picks a TensorRT-LLM backend, and llm.{vllm_sets[0]} runs vLLM "
+                      "(PyTorch only)", "remove backend (or write pytorch), or use engine: trtllm", True)
+    for key, role, s in llm.server_sets():
+        loc = ("llm", key)
+        tmpl = declared.get(server_operator_name(key, s))
+        if engines[key] == "vllm":
+            if s.kv_cache_config:
+                yield Problem(loc + ("kv_cache_config",), s.kv_cache_config, "kv_cache_config is a TensorRT-LLM setting; this set runs vLLM",
+                              "size vLLM's KV cache with engine_args: {gpu_memory_utilization: ...} or {kv_cache_memory_bytes: ...}", True)
+            if s.gpu_fraction is not None:
+                args = {**llm.engine_args, **(getattr(tmpl, "engine_args", None) or {}), **s.engine_args}
+                if spec.cluster.gpus_per_node == 0:
+                    yield Problem(loc + ("gpu_fraction",), s.gpu_fraction, "gpu_fraction shares GPUs, and cluster.gpus_per_node is 0 "
+                                  "(on CPUs vLLM's gpu_memory_utilization reserves that share of the whole machine's memory)",
+                                  "remove gpu_fraction; size the KV cache with engine_args.kv_cache_memory_bytes", True)
+                elif args.get("gpu_memory_utilization", s.gpu_fraction) != s.gpu_fraction:
+                    yield Problem(loc + ("gpu_fraction",), s.gpu_fraction,
+                                  f"gpu_fraction is vLLM's gpu_memory_utilization, which engine_args set to {args['gpu_memory_utilization']}",
+                                  "set one of them", True)
+        if tmpl is None:
+            continue
+        if "max_inflight_requests" in tmpl.model_fields_set and "max_inflight_requests" in s.model_fields_set \
+                and tmpl.max_inflight_requests != s.max_inflight_requests:
+            yield Problem(loc + ("max_inflight_requests",), s.max_inflight_requests,
+                          f"operator {tmpl.name!r} sets max_inflight_requests {tmpl.max_inflight_requests}",
+                          "set it in one place", True)
+        if "role" in tmpl.model_fields_set and getattr(tmpl, "role", role) != role:
+            i = spec.operators.index(tmpl)
+            yield Problem(("operators", i, "role"), tmpl.role, f"operator {tmpl.name!r} is llm.{key}'s, which serves role {role}",  # type: ignore[union-attr]
+                          "remove role from the operator (the set decides it)")
+
+
 def _check_ports(spec: GraphSpec) -> Iterator[Problem]:
     """Same port twice on one host; metrics ports in range and clear of the declared ones."""
     taken: dict[tuple[str, int], str] = {}
@@ -234,7 +286,7 @@ def _check_ports(spec: GraphSpec) -> Iterator[Problem]:
             host_of_worker.setdefault(o, (spec.cluster.hosts[w.placement.node] if spec.cluster.hosts and w.placement.node is not None
                                           and w.placement.node < len(spec.cluster.hosts) else None, w.replicas))
     for i, op in enumerate(spec.operators):
-        if op.kind != "frontend":
+        if not isinstance(op, FrontendOperatorSpec):
             continue
         port = op.port if op.port is not None else (spec.llm.port if spec.llm and spec.llm.port is not None else 8000)
         host, replicas = host_of_worker.get(op.name, (None, 1))
@@ -243,7 +295,11 @@ def _check_ports(spec: GraphSpec) -> Iterator[Problem]:
                           "use one replica, port: 0, or separate nodes")
         if port:
             yield from claim(host, port, f"frontend {op.name!r}", ("operators", i, "port"))
-        for key, value in op.parameters.items():  # e.g. KServe's grpc_port
+        for key in FrontendParameters.model_fields:  # KServe's grpc_port (default 8001), or one the graph sets
+            value = getattr(op.parameters, key)
+            if not key.endswith("_port") or (key not in op.parameters.model_fields_set
+                                             and op.protocol not in (protocol_of_parameter(key) or [op.protocol])):
+                continue
             if key.endswith("_port") and isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 yield from claim(host, value, f"frontend {op.name!r} {key}", ("operators", i, "parameters", key))
     for key, _role, s in spec.llm.server_sets() if spec.llm else []:
@@ -300,7 +356,7 @@ def _check_misc(spec: GraphSpec) -> Iterator[Problem]:
 def check_graph(spec: GraphSpec) -> list[Problem]:
     """All cross-field problems of a schema-valid graph (empty list: the graph is good)."""
     problems: list[Problem] = []
-    for check in (_check_names, _check_operators, _check_workers, _check_llm, _check_ports, _check_misc):
+    for check in (_check_names, _check_operators, _check_workers, _check_llm, _check_server_sets, _check_ports, _check_misc):
         problems.extend(check(spec))
     if not problems:
         layout = build_layout(spec)

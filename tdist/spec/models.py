@@ -3,7 +3,8 @@
 These models check what one field (or one object) can check on its own; rules that relate several
 parts of the graph (references, placement, ports) live in `tdist.spec.checks`. Shorthands the
 user may write (`request_plane: embedded`, `discovery: etcd`, `operators: encoder`) are expanded
-by before-validators, so the validated objects always have one shape.
+by before-validators, so the validated objects always have one shape. Operators, one model per
+`kind`, live in `tdist.spec.operators`.
 """
 
 from __future__ import annotations
@@ -11,21 +12,11 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import AliasChoices, Field, PrivateAttr, field_validator, model_validator
 
 from tdist.names import NAME_PATTERN  # names become subjects, streams and run directories
-
-IMPLEMENTATION_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
-"""`pkg.mod:Class` — only the syntax is checked here; the runtime imports it."""
-
-LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
-OperatorKindSpec = Literal["python", "triton", "vllm", "trtllm", "router", "frontend"]
-
-
-class SpecModel(BaseModel):
-    """Base of every spec model: immutable, unknown keys rejected (the loader adds "did you mean")."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+from tdist.spec.base import SpecModel
+from tdist.spec.operators import OperatorSpec  # one model per operator kind (tdist/spec/operators.py)
 
 
 # ---------------------------------------------------------------- planes
@@ -98,76 +89,6 @@ class DiscoverySpec(SpecModel):
         return v
 
 
-# ---------------------------------------------------------------- operators
-
-
-class InstanceGroupSpec(SpecModel):
-    """One Triton instance group, as in a model's config.pbtxt."""
-
-    count: int = Field(1, ge=1, description="Model instances in this group")
-    kind: Literal["KIND_CPU", "KIND_GPU", "KIND_AUTO"] = Field("KIND_CPU", description="Where the instances run")
-
-
-class TritonParameterSpec(SpecModel):
-    """A Triton model parameter value (config.pbtxt `parameters { key: ... value: { string_value: ... } }`)."""
-
-    string_value: str = Field(description="The value, always a string in Triton's config")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_scalar(cls, data: Any) -> Any:
-        if isinstance(data, (str, int, float, bool)):
-            return {"string_value": str(data)}
-        return data
-
-    @field_validator("string_value", mode="before")
-    @classmethod
-    def _stringify(cls, v: Any) -> Any:
-        return str(v) if isinstance(v, (int, float, bool)) else v
-
-
-class TritonConfigSpec(SpecModel):
-    """Overrides merged into a Triton model's config."""
-
-    instance_group: list[InstanceGroupSpec] = Field(
-        default_factory=list, description="Instance groups, e.g. [{count: 1, kind: KIND_CPU}]"
-    )
-    parameters: dict[str, TritonParameterSpec] = Field(
-        default_factory=dict, description='Model parameters, e.g. {delay: {string_value: "0"}}'
-    )
-    max_batch_size: int | None = Field(None, ge=0, description="Largest batch the model accepts (0: no batching)")
-    dynamic_batching: dict[str, Any] | None = Field(None, description="Triton dynamic_batching settings, passed as is")
-
-
-class OperatorSpec(SpecModel):
-    """One operator: a named, versioned request handler that workers host."""
-
-    name: str = Field(pattern=NAME_PATTERN, description="Requests address the operator by this name")
-    kind: OperatorKindSpec = Field("python", description="python | triton | vllm | trtllm | router | frontend")
-    implementation: str | None = Field(
-        None, pattern=IMPLEMENTATION_PATTERN, description='kind python: "module:Class" (module on python_path)'
-    )
-    version: int = Field(1, ge=1, description="Operator version; requests may ask for one")
-    max_inflight_requests: int = Field(1, ge=1, description="Requests one worker runs at once for this operator")
-    parameters: dict[str, Any] = Field(default_factory=dict, description="Free-form values passed to the operator")
-    log_level: LogLevel = Field("INFO", description="Logging level inside the operator")
-    repository: str | None = Field(None, description="kind triton: model repository directory (relative to the YAML)")
-    model_name: str | None = Field(None, description="kind triton: model in the repository (default: the operator name)")
-    triton_config: TritonConfigSpec | None = Field(None, description="kind triton: config overrides")
-    model: str | None = Field(None, description="kind vllm/trtllm: model path (relative to the YAML if it starts with . or /) or hub id")
-    engine_args: dict[str, Any] = Field(default_factory=dict, description="kind vllm/trtllm: engine arguments, passed as is")
-    role: Literal["both", "context", "generation"] = Field("both", description="kind vllm/trtllm: disaggregated role")
-    targets: list[str] = Field(default_factory=list, description="kind router/frontend: operators requests go to")
-    protocol: Literal["openai", "kserve"] | None = Field(None, description="kind frontend: HTTP API it serves")
-    host: str | None = Field(None, description="kind frontend: address to listen on (default: llm.hostname, else the frontend's 127.0.0.1)")
-    port: int | None = Field(None, ge=0, le=65535, description="kind frontend: TCP port (0: pick a free one)")
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper(cls, v: Any) -> Any:
-        return v.upper() if isinstance(v, str) else v
-
-
 # ---------------------------------------------------------------- workers
 
 
@@ -221,9 +142,11 @@ class ServerSetSpec(SpecModel):
     pp_size: int = Field(
         1, ge=1, validation_alias=AliasChoices("pp_size", "pipeline_parallel_size"), description="Pipeline-parallel ranks per instance"
     )
-    gpu_fraction: float | None = Field(None, gt=0, le=1, description="Share of each GPU a rank uses (lets ranks share GPUs)")
+    gpu_fraction: float | None = Field(
+        None, gt=0, le=1, description="Share of each GPU a rank uses (lets ranks share GPUs); vLLM: its gpu_memory_utilization "
+        "(GPU clusters only), TensorRT-LLM: kv_cache_config.free_gpu_memory_fraction")
     urls: list[str] = Field(default_factory=list, description='Optional "host:port" per instance; the host places it')
-    kv_cache_config: dict[str, Any] = Field(default_factory=dict, description="Engine KV-cache settings, passed as is")
+    kv_cache_config: dict[str, Any] = Field(default_factory=dict, description="TensorRT-LLM KV-cache settings, passed as is")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Engine args for this set (over llm.engine_args)")
     operator: str | None = Field(None, pattern=NAME_PATTERN, description="Operator name (default: llm/context/generation)")
     max_inflight_requests: int = Field(16, ge=1, description="Requests one instance runs at once")
@@ -247,7 +170,7 @@ class DisaggLayoutFile(SpecModel):
     model: str | None = Field(None, description="Model path or hub id")
     hostname: str | None = Field(None, description="Where the serving frontend listens")
     port: int | None = Field(None, ge=0, le=65535, description="Frontend TCP port")
-    backend: str | None = Field(None, description='Engine backend, e.g. "pytorch" (TensorRT-LLM)')
+    backend: str | None = Field(None, description='TensorRT-LLM backend, e.g. "pytorch"')
     context_servers: ServerSetSpec | None = Field(None, description="Prefill (context) servers")
     generation_servers: ServerSetSpec | None = Field(None, description="Decode (generation) servers")
 
@@ -257,7 +180,7 @@ class LLMSpec(SpecModel):
 
     model: str | None = Field(None, description="Model path (relative to the YAML if it starts with . or /) or hub id")
     engine: Literal["vllm", "trtllm"] = Field("vllm", description="Engine that runs the model")
-    backend: str | None = Field(None, description='Engine backend, e.g. "pytorch" for TensorRT-LLM')
+    backend: str | None = Field(None, description='TensorRT-LLM backend, e.g. "pytorch" (vLLM: only pytorch, which it always is)')
     hostname: str | None = Field(None, description="Default listen address for the frontend")
     port: int | None = Field(None, ge=0, le=65535, description="Default TCP port for the frontend")
     layout_file: str | None = Field(None, description="Seed-style layout YAML (relative to this YAML); graph keys win")

@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from tdist.spec.models import GraphSpec, ServerSetSpec
+from tdist.spec.operators import LLM_KINDS, SERVICE_KINDS
 from tdist.spec.problem import Loc, Problem
 
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "0.0.0.0", "::1"})
-SERVICE_KINDS = frozenset({"router", "frontend"})
 _FULL = 1000
 _DEFAULT_SET_NAMES = {"servers": "llm", "context_servers": "context", "generation_servers": "generation"}
 
@@ -31,7 +31,7 @@ def server_engine(spec: GraphSpec, key: str, s: ServerSetSpec) -> str:
     """The engine kind of a server set: its declared operator's kind, else llm.engine."""
     name = server_operator_name(key, s)
     declared = next((op.kind for op in spec.operators if op.name == name), None)
-    return declared if declared in ("vllm", "trtllm") else (spec.llm.engine if spec.llm else "vllm")
+    return declared if declared in LLM_KINDS else (spec.llm.engine if spec.llm else "vllm")
 
 
 def processes_per_instance(spec: GraphSpec, key: str, s: ServerSetSpec) -> int:
@@ -228,7 +228,7 @@ def build_layout(spec: GraphSpec) -> Layout:
             (services if service else world).append(proc)
 
     if not has_gpus and spec.cluster.cpus_per_node > 0:
-        engine_kinds = {n for n, k in kinds.items() if k in ("vllm", "trtllm")}
+        engine_kinds = {n for n, k in kinds.items() if k in LLM_KINDS}
         world = _place_cpu_engines(world, spec.cluster.cpus_per_node, engine_kinds)
     world.sort(key=lambda p: p.node)  # stable: keeps declaration order within a node
     return Layout(world + services, hosts, len(world), problems)

@@ -18,30 +18,46 @@ from tdist.spec.models import (
     DiscoverySpec,
     DisaggLayoutFile,
     GraphSpec,
-    InstanceGroupSpec,
     LaunchSpec,
     LLMSpec,
     LocalLaunchSpec,
     MpirunLaunchSpec,
-    OperatorSpec,
     PlacementSpec,
     RequestPlaneSpec,
     ServerSetSpec,
     SrunLaunchSpec,
-    TritonConfigSpec,
     WorkerSpec,
+)
+from tdist.spec.operators import (
+    OPERATOR_KINDS,
+    FrontendParameters,
+    InstanceGroupSpec,
+    OperatorBase,
+    RouterParameters,
+    TritonConfigSpec,
+    TritonParameters,
+    TrtllmParameters,
+    VllmParameters,
 )
 
 BEGIN = "<!-- BEGIN GENERATED: python -m tdist.spec.reference --write docs/spec.md -->"
 END = "<!-- END GENERATED -->"
 
+_OPERATORS: list[tuple[str, type[BaseModel]]] = [("operators[] (every kind)", OperatorBase)] + [
+    (f"operators[] kind: {kind}", model) for kind, model in OPERATOR_KINDS.items()
+]
 SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("(top level)", GraphSpec),
     ("request_plane", RequestPlaneSpec),
     ("data_plane", DataPlaneSpec),
     ("discovery", DiscoverySpec),
-    ("operators[]", OperatorSpec),
-    ("operators[].triton_config", TritonConfigSpec),
+    *_OPERATORS,
+    ("operators[].parameters, kind: router", RouterParameters),
+    ("operators[].parameters, kind: frontend", FrontendParameters),
+    ("operators[].parameters, kind: triton", TritonParameters),
+    ("operators[].parameters, kind: vllm", VllmParameters),
+    ("operators[].parameters, kind: trtllm", TrtllmParameters),
+    ("operators[].triton_config (kind: triton)", TritonConfigSpec),
     ("operators[].triton_config.instance_group[]", InstanceGroupSpec),
     ("workers[]", WorkerSpec),
     ("workers[].placement", PlacementSpec),
@@ -58,6 +74,8 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is typing.Annotated:  # the operators' union: one model per kind
+        return "mapping (by kind)"
     if origin is typing.Literal:
         return " \\| ".join(repr(a).replace("'", "") for a in typing.get_args(tp))
     if origin in (typing.Union, __import__("types").UnionType):
@@ -91,7 +109,9 @@ def render_reference() -> str:
     for title, model in SECTIONS:
         out += [f"### `{title}`", "", (model.__doc__ or "").strip().splitlines()[0], "",
                 "| key | type | default | description |", "|---|---|---|---|"]
-        for name, f in model.model_fields.items():
+        for name, f in sorted(model.model_fields.items(), key=lambda item: item[0] != "kind"):  # kind first
+            if model is not OperatorBase and issubclass(model, OperatorBase) and name in OperatorBase.model_fields:
+                continue  # listed once, under "every kind"
             alias = getattr(f.validation_alias, "choices", None)
             key = f"`{name}`" + (f" (also `{alias[1]}`)" if alias and len(alias) > 1 else "")
             out.append(f"| {key} | {_type_name(f.annotation)} | {_default(f)} | {(f.description or '').replace('|', '/')} |")
