@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tdist.errors import NoWorkerError, OperatorError, RequestError, RequestTimeout
-from tdist.operators.llm_common import parse_prompt, parse_sampling
+from tdist.operators.llm.llm_common import parse_prompt, parse_sampling
 from tdist.runtime.config import OperatorConfig, WorkerConfig
 from tdist.runtime.operator import Operator, OperatorContext, Request, Response, current_request
 

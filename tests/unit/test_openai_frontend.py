@@ -15,7 +15,7 @@ except ImportError:  # pragma: no cover
     from tests.unit.test_llm_harness import FakeLLM, InProcessClient, make_context
 from tdist.errors import OperatorLoadError
 from tdist.operators.frontends.openai import OpenAIFrontend, api_error_of
-from tdist.operators.router import RouterOperator
+from tdist.operators.routing.router import RouterOperator
 from tdist.errors import BadRequest, NoWorkerError, RequestTimeout
 
 

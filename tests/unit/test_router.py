@@ -12,7 +12,7 @@ try:  # tests/unit is a rootdir-less test folder; also importable as a package
 except ImportError:  # pragma: no cover
     from tests.unit.test_llm_harness import FakeLLM, InProcessClient, make_context
 from tdist.errors import BadRequest, NoWorkerError, OperatorError, OperatorLoadError
-from tdist.operators.router import (
+from tdist.operators.routing.router import (
     Candidate,
     LeastLoaded,
     PrefixAffinity,

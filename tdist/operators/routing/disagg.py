@@ -34,7 +34,7 @@ from tdist.errors import NoWorkerError, OperatorLoadError, RequestError, Request
 from tdist.runtime.ports import free_port
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tdist.operators.router import RouterOperator
+    from tdist.operators.routing.router import RouterOperator
     from tdist.runtime.operator import Request
 
 # ---------------------------------------------------------------------------------------------
@@ -62,8 +62,8 @@ def connector_settings(role: str, *, cpu: bool, lease_s: int = DEFAULT_KV_LEASE_
         # CPU buffers on a small machine (each idle poller costs CPU the engines need)
         cfg["kv_connector_extra_config"]["num_threads"] = 1
         # AMX CPUs need a permission vLLM's decode kernel assumes, and NIXL's progress thread is
-        # set per operator: tdist/operators/nixl_cpu.py (settings: nixl_env)
-        cfg["kv_connector_module_path"] = "tdist.operators.nixl_cpu"
+        # set per operator: tdist/operators/llm/nixl_cpu.py (settings: nixl_env)
+        cfg["kv_connector_module_path"] = "tdist.operators.llm.nixl_cpu"
     if role == "generation":
         cfg["kv_load_failure_policy"] = "recompute"
     for k, v in (given or {}).items():
@@ -75,7 +75,7 @@ def connector_settings(role: str, *, cpu: bool, lease_s: int = DEFAULT_KV_LEASE_
 
 
 def nixl_env(parameters: dict[str, Any], role: str = "context") -> dict[str, str]:
-    """TDIST_NIXL_PROGRESS for tdist/operators/nixl_cpu.py from the operator's parameters:
+    """TDIST_NIXL_PROGRESS for tdist/operators/llm/nixl_cpu.py from the operator's parameters:
     `nixl_progress` (busy | off; `nixl_progress_thread: true/false` means busy/off).
 
     Default by role: a context engine is the passive side of every KV READ and, idle, makes no

@@ -10,10 +10,10 @@ picks one by policy and sends a *directed* request (`instance=`):
   the same worker while it is alive and healthy (rendezvous hashing, so a second router picks
   the same one), which is where the engine's prefix cache already holds that prefix;
 * `kv` — KV-aware: the worker that already holds the most leading prompt blocks, unless it is
-  far busier than the rest (tdist/operators/kv_routing.py).
+  far busier than the rest (tdist/operators/routing/kv_routing.py).
 
 With two targets `[context, generation]` the router serves disaggregated: prefill on a context
-worker (chosen by the policy), decode on a generation worker (tdist/operators/disagg.py).
+worker (chosen by the policy), decode on a generation worker (tdist/operators/routing/disagg.py).
 
 A worker that fails before it sent anything (gone, no responders, lost) is put in a cool-down
 (`failure_cooldown_s`) and the request is retried on another (`retries`); once tokens have
@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
 from tdist.errors import NoWorkerError, OperatorLoadError, RequestError, RequestTimeout, WorkerLost
-from tdist.operators.disagg import DisaggFlow, router_metric_families
-from tdist.operators.kv_routing import DEFAULT_BLOCK_SIZE, KvAware, PromptTokenizer, block_hashes, estimate_tokens, text_block_hashes
-from tdist.operators.llm_common import parse_prompt, register_collector
+from tdist.operators.routing.disagg import DisaggFlow, router_metric_families
+from tdist.operators.routing.kv_routing import DEFAULT_BLOCK_SIZE, KvAware, PromptTokenizer, block_hashes, estimate_tokens, text_block_hashes
+from tdist.operators.llm.llm_common import parse_prompt, register_collector
 from tdist.runtime.operator import Operator, OperatorContext, Request, current_client
 
 # ---------------------------------------------------------------------------------------------
