@@ -13,7 +13,8 @@ try:
     from test_llm_harness import FakeLLM, InProcessClient, make_context
 except ImportError:  # pragma: no cover
     from tests.unit.test_llm_harness import FakeLLM, InProcessClient, make_context
-from tdist.operators.routing.disagg import check_handle, connector_settings, decide, prefill_parameters, side_channel_env, valid_handle
+from tdist.operators.llm.kv_transfer import check_handle, connector_settings, side_channel_env
+from tdist.operators.routing.disagg import decide, prefill_parameters, valid_handle
 from tdist.operators.routing.router import RouterOperator
 from tdist.runtime.operator import Request
 
@@ -36,7 +37,7 @@ def test_connector_settings_by_role() -> None:
 
 def test_nixl_env_from_parameters() -> None:
     from tdist.errors import OperatorLoadError
-    from tdist.operators.routing.disagg import nixl_env
+    from tdist.operators.llm.kv_transfer import nixl_env
 
     assert nixl_env({}) == {"TDIST_NIXL_PROGRESS": "busy"}  # a context engine: the passive side of every READ
     assert nixl_env({}, "generation") == {"TDIST_NIXL_PROGRESS": "off"}  # it polls its own pulls each step
@@ -168,7 +169,7 @@ async def test_no_context_worker_means_local_prefill_and_kv_policy_works_in_disa
 def test_prometheus_families_of_router_and_llm_stats() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from tdist.operators.routing.disagg import router_metric_families
+    from tdist.operators.routing.router import router_metric_families
     from tdist.operators.llm.llm_common import llm_metric_families, register_collector
 
     reg = CollectorRegistry()

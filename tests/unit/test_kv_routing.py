@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tdist.operators.routing.kv_routing import KvAware, KvIndex, block_hashes, text_block_hashes
-from tdist.operators.routing.router import Candidate, RouteKey, make_policy
+from tdist.operators.routing.policies import Candidate, RouteKey, make_policy
 
 
 def _key(tokens: list[int], block: int = 4) -> RouteKey:

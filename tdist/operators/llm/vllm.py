@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from tdist.errors import BadRequest, OperatorError, OperatorLoadError, WorkerLost
-from tdist.operators.routing.disagg import DEFAULT_KV_LEASE_S, check_handle, connector_settings, nixl_env, side_channel_env
+from tdist.operators.llm.kv_transfer import DEFAULT_KV_LEASE_S, check_handle, connector_settings, nixl_env, side_channel_env
 from tdist.operators.llm.llm_common import (
     Chunk,
     LLMEngine,
@@ -262,7 +262,7 @@ class VllmEngine(LLMEngine):
                  cpu_bind: str | None = None, pin_engine: bool = True, role: str = "both",
                  disagg_parameters: dict[str, Any] | None = None) -> None:
         self.engine_args = dict(engine_args)
-        self.role = role  # context / generation: a NixlConnector of that side (tdist/operators/routing/disagg.py)
+        self.role = role  # context / generation: a NixlConnector of that side (tdist/operators/llm/kv_transfer.py)
         self.disagg_parameters = dict(disagg_parameters or {})
         self.logger = logger
         self.engine_nice = engine_nice
