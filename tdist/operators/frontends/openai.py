@@ -38,6 +38,7 @@ from tdist.errors import (
 )
 from tdist.operators.llm.llm_common import parse_sampling
 from tdist.runtime.operator import Operator, OperatorContext, Request
+from tdist.runtime.planes.discovery_entry import WorkerEntry
 
 LISTEN_LINE = "OpenAI frontend listening on"
 
@@ -230,12 +231,13 @@ class OpenAIFrontend(Operator):
             return self.model_names
         self._lookup_error = None
         found: list[str] = []
-        for entry in entries.values():
-            kinds = entry.get("kinds") or {}
-            per = entry.get("per_operator") or {}
-            for op, kind in kinds.items():
+        for data in entries.values():
+            entry = WorkerEntry.read(data)
+            if entry is None:
+                continue
+            for op, kind in entry.kinds.items():
                 if kind in ("vllm", "trtllm"):
-                    name = ((per.get(op) or {}).get("stats") or {}).get("model")
+                    name = entry.stats_of(op).get("model")
                     if isinstance(name, str) and name not in found:
                         found.append(name)
         if found:

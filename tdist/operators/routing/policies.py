@@ -16,6 +16,7 @@ from typing import Any, Iterable, Protocol
 
 from tdist.errors import OperatorLoadError
 from tdist.operators.routing.kv_routing import KvAware
+from tdist.runtime.planes.discovery_entry import WorkerEntry
 
 # ---------------------------------------------------------------------------------------------
 # instances as the router sees them
@@ -36,39 +37,22 @@ class Candidate:
         return max(self.reported_inflight, self.local_inflight)
 
 
-def inflight_of(entry: dict[str, Any], operator: str) -> int:
-    """Requests in flight (running + queued) for `operator` on a worker, from its discovery entry.
-
-    The worker publishes `per_operator: {op: {inflight, queued, ...}}`; a flat `inflight`
-    (int, or {op: int}) is accepted too.
-    """
-    per = entry.get("per_operator")
-    if isinstance(per, dict) and isinstance(per.get(operator), dict):
-        st = per[operator]
-        return int(st.get("inflight", 0) or 0) + int(st.get("queued", 0) or 0)
-    v = entry.get("inflight")
-    if isinstance(v, dict):
-        v = v.get(operator, 0)
-    if isinstance(v, (int, float)):
-        return int(v)
-    return 0
+def _entry(entry: WorkerEntry | dict[str, Any]) -> WorkerEntry:
+    return entry if isinstance(entry, WorkerEntry) else WorkerEntry.from_wire(entry)
 
 
-def operator_stats(entry: dict[str, Any], operator: str) -> dict[str, Any]:
+def inflight_of(entry: WorkerEntry | dict[str, Any], operator: str) -> int:
+    """Requests in flight (running + queued) for `operator` on a worker, from its discovery entry."""
+    return _entry(entry).inflight_of(operator)
+
+
+def operator_stats(entry: WorkerEntry | dict[str, Any], operator: str) -> dict[str, Any]:
     """The operator's own stats() block inside a discovery entry (empty if not published)."""
-    per = entry.get("per_operator")
-    if isinstance(per, dict) and isinstance(per.get(operator), dict):
-        st = per[operator].get("stats")
-        if isinstance(st, dict):
-            return st
-    return {}
+    return _entry(entry).stats_of(operator)
 
 
-def role_of(entry: dict[str, Any], operator: str) -> str:
-    roles = entry.get("roles")
-    role = roles.get(operator) if isinstance(roles, dict) else None
-    role = role or operator_stats(entry, operator).get("role")
-    return str(role or "both")
+def role_of(entry: WorkerEntry | dict[str, Any], operator: str) -> str:
+    return _entry(entry).role_of(operator)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,8 +34,9 @@ from tdist.errors import NoWorkerError, OperatorLoadError, RequestError, Request
 from tdist.operators.llm.llm_common import parse_prompt, register_collector
 from tdist.operators.routing.disagg import DisaggFlow
 from tdist.operators.routing.kv_routing import DEFAULT_BLOCK_SIZE, KvAware, PromptTokenizer, block_hashes, estimate_tokens, text_block_hashes
-from tdist.operators.routing.policies import Candidate, Health, RouteKey, inflight_of, make_policy, operator_stats, role_of
+from tdist.operators.routing.policies import Candidate, Health, RouteKey, make_policy
 from tdist.runtime.operator import Operator, OperatorContext, Request, current_client
+from tdist.runtime.planes.discovery_entry import WorkerEntry
 
 #: Errors that mean "this instance could not serve it" (retry elsewhere if nothing streamed yet).
 RETRYABLE = (NoWorkerError, WorkerLost)
@@ -109,22 +110,22 @@ class RouterOperator(Operator):
     async def candidates(self, exclude: set[str] = frozenset(), target: str | None = None) -> list[Candidate]:  # type: ignore[assignment]
         """Live, healthy instances of the target (minus `exclude`)."""
         target = target or self.target
-        entries: dict[str, dict[str, Any]] = await self._client().instances(target, max_age_s=self.discovery_max_age_s)
+        entries: dict[str, WorkerEntry] = await self._client().instances(target, max_age_s=self.discovery_max_age_s)
         out = []
         for name in self.health.healthy(entries):
             if name in exclude:
                 continue
-            entry = entries[name]
-            role = role_of(entry, target)
+            entry = WorkerEntry.read(entries[name]) or WorkerEntry()
+            role = entry.role_of(target)
             if self.role_filter and role not in (self.role_filter, "both"):
                 continue
             out.append(
                 Candidate(
                     name=name,
-                    reported_inflight=inflight_of(entry, target),
+                    reported_inflight=entry.inflight_of(target),
                     local_inflight=self._local.get(name, 0),
                     role=role,
-                    stats=operator_stats(entry, target),
+                    stats=entry.stats_of(target),
                 )
             )
         if not out and not exclude and entries:
