@@ -56,7 +56,7 @@ class RequestClient:
         self._inbox_prefix = f"_INBOX.tdist.{P.new_request_id()}"
         self._queues: dict[str, asyncio.Queue[P.ResponseMessage]] = {}
         self._listener: Listener | None = None
-        self._workers_cache: tuple[float, dict[str, dict[str, Any]]] = (0.0, {})
+        self._workers_cache: tuple[float, dict[str, dict[str, Any]], dict[str, WorkerEntry]] = (0.0, {}, {})
         #: how often a request waiting on a known worker checks that it is still in discovery,
         #: and how long it must have been missing before the request ends with WorkerLost
         self.liveness_check_s = 2.0
@@ -132,22 +132,23 @@ class RequestClient:
 
     # ---- discovery view -------------------------------------------------------------------
 
-    async def workers(self, *, max_age_s: float = 1.0) -> dict[str, dict[str, Any]]:
-        """Live worker entries (name → entry), cached for max_age_s."""
-        stamp, cached = self._workers_cache
+    async def _listing(self, max_age_s: float) -> tuple[dict[str, dict[str, Any]], dict[str, WorkerEntry]]:
+        """Discovery's listing as published and typed, read at most every max_age_s (the typed
+        view is parsed once per read, not once per request)."""
+        stamp, raw, typed = self._workers_cache
         if time.monotonic() - stamp > max_age_s:
-            cached = await self.discovery.list()
-            self._workers_cache = (time.monotonic(), cached)
-        return cached
+            raw = await self.discovery.list()
+            typed = {name: e for name, e in ((n, WorkerEntry.read(d)) for n, d in raw.items()) if e is not None}
+            self._workers_cache = (time.monotonic(), raw, typed)
+        return raw, typed
+
+    async def workers(self, *, max_age_s: float = 1.0) -> dict[str, dict[str, Any]]:
+        """Live worker entries as published (name → the JSON object), cached for max_age_s."""
+        return (await self._listing(max_age_s))[0]
 
     async def worker_entries(self, *, max_age_s: float = 1.0) -> dict[str, WorkerEntry]:
         """Live worker entries, typed (name → entry); what is not a worker entry is left out."""
-        out = {}
-        for name, data in (await self.workers(max_age_s=max_age_s)).items():
-            entry = WorkerEntry.read(data)
-            if entry is not None:
-                out[name] = entry
-        return out
+        return dict((await self._listing(max_age_s))[1])
 
     async def instances(self, operator: str, *, max_age_s: float = 1.0) -> dict[str, WorkerEntry]:
         """Ready workers hosting `operator` (name → discovery entry)."""
@@ -217,7 +218,7 @@ class RequestClient:
             loop = asyncio.get_running_loop()
             # The worker known to hold the request (directed, or the one that answered): if it
             # leaves discovery while we wait, the request ends with WorkerLost, not at its deadline.
-            watch = _Watch(instance, found[instance].identity()) if instance is not None else None
+            watch = _Watch(instance, _identity(found[instance])) if instance is not None else None
             while True:
                 try:
                     # one cheap timer per wait (asyncio.timeout), not a task per wait (wait_for)
@@ -305,7 +306,7 @@ class RequestClient:
             return
         now = time.monotonic()
         if entry is not None:
-            ident = entry.identity()
+            ident = _identity(entry)
             if watch.ident is None:
                 watch.ident = ident
             elif ident != watch.ident:
@@ -335,6 +336,12 @@ class _Watch:
     worker: str
     ident: tuple[Any, ...] | None
     missing_since: float | None = None
+
+
+def _identity(entry: Any) -> tuple[Any, ...] | None:
+    """A worker's process identity; None for something in discovery that is not a worker entry."""
+    typed = WorkerEntry.read(entry)
+    return typed.identity() if typed is not None else None
 
 
 #: Queued in place of a response when the server reports that a directed request reached nobody.
