@@ -378,7 +378,7 @@ async def test_killing_the_context_worker_mid_request_still_completes(disagg: di
         await asyncio.sleep(1.0)  # the prefill request is with the (stopped) context worker now
         # the whole context server dies, engine processes included (a worker killed alone leaves
         # vLLM's EngineCore orphaned and spinning: the supervisor does not reap a dead worker's children)
-        from tdist.operators.llm.vllm import descendants
+        from tdist.operators.llm.engine_processes import descendants
 
         engine = descendants(pid)
         os.kill(pid, signal.SIGKILL)

@@ -198,7 +198,7 @@ async def test_a_remote_prefill_whose_kv_never_arrives_is_given_up_and_retryable
     request) with WorkerLost, which the router retries with a local prefill."""
     pytest.importorskip("vllm")
     from tdist.errors import WorkerLost
-    from tdist.operators.llm.llm_common import LLMPrompt, SamplingOptions
+    from tdist.operators.llm.convention import LLMPrompt, SamplingOptions
     from tdist.operators.llm.vllm import VllmEngine, _first_within
 
     async def stuck():

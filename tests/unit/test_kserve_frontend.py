@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tdist.errors import BadRequest, NoWorkerError
+from tdist.errors import BadRequest
 from tdist.operators.frontends.kserve import (
     KServeFrontend,
     parse_http_infer,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tdist.errors import NoWorkerError, OperatorError
-from tdist.operators.llm.llm_common import parse_prompt, parse_sampling
+from tdist.operators.llm.convention import parse_prompt, parse_sampling
 from tdist.runtime.config import OperatorConfig, RequestPlaneConfig, WorkerConfig
 from tdist.runtime.metrics import WorkerMetrics
 from tdist.runtime.operator import Operator, OperatorContext, Request

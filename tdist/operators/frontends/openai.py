@@ -36,7 +36,7 @@ from tdist.errors import (
     RequestError,
     RequestTimeout,
 )
-from tdist.operators.llm.llm_common import parse_sampling
+from tdist.operators.llm.convention import parse_sampling
 from tdist.runtime.operator import Operator, OperatorContext, Request
 from tdist.runtime.planes.discovery_entry import WorkerEntry
 

@@ -27,7 +27,8 @@ import time
 from typing import Any, AsyncIterator
 
 from tdist.errors import BadRequest, OperatorLoadError
-from tdist.operators.llm.llm_common import Chunk, LLMEngine, LLMEngineOperator, LLMPrompt, SamplingOptions, render_chat
+from tdist.operators.llm.convention import LLMPrompt, SamplingOptions, render_chat
+from tdist.operators.llm.llm_common import Chunk, LLMEngine, LLMEngineOperator
 
 TRTLLM_HINT = (
     "pip install tensorrt_llm (NVIDIA's wheel, Linux x86_64/aarch64 with a CUDA GPU; or run in the "

@@ -31,7 +31,8 @@ import time
 from typing import Any
 
 from tdist.errors import NoWorkerError, OperatorLoadError, RequestError, RequestTimeout, WorkerLost
-from tdist.operators.llm.llm_common import parse_prompt, register_collector
+from tdist.operators.llm.convention import parse_prompt
+from tdist.operators.llm.llm_common import register_collector
 from tdist.operators.routing.disagg import DisaggFlow
 from tdist.operators.routing.kv_routing import DEFAULT_BLOCK_SIZE, KvAware, PromptTokenizer, block_hashes, estimate_tokens, text_block_hashes
 from tdist.operators.routing.policies import Candidate, Health, RouteKey, make_policy
