@@ -84,7 +84,6 @@ class OperatorHost:
         self._queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._runners: list[asyncio.Task[None]] = []
         self._intake: Intake | None = None
-        self._stopping = False
         self.running: dict[str, asyncio.Task[None]] = {}
         self._inflight_msgs: dict[str, Any] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -287,7 +286,6 @@ class OperatorHost:
 
     async def drain(self, timeout_s: float) -> None:
         """Take nothing new, finish what was taken (bounded), then stop the runners."""
-        self._stopping = True
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._intake is not None:
