@@ -266,3 +266,20 @@ async def test_broker_redelivers_an_unsettled_request_after_ack_wait() -> None:
     await full.submit(msg, encode_request(msg))
     assert held == [] and len(broker.queues[("dep2", "op")]) == 1
     await intake.close()
+
+
+async def test_the_entry_on_the_wire_keeps_the_keys_launchers_and_status_read() -> None:
+    """tdist/launch and tdist/cli read the published entry as a dict: its keys must not move."""
+    async with memory_deployment() as dep:
+        await dep.start_worker("a.0", operator("stream", f"{ME}:Stream", max_inflight_requests=2))
+        client = await dep.client()
+        wire = (await client.workers(max_age_s=0))["a.0"]
+        assert set(wire) == {"name", "component", "deployment", "operators", "kinds", "roles", "host", "pid", "rank",
+                             "state", "error", "inflight", "served", "errors", "per_operator", "started_at",
+                             "heartbeat_at", "metrics_port"}
+        assert set(wire["per_operator"]["stream"]) == {"inflight", "queued", "served", "errors", "stats"}
+        assert wire["state"] == "ready" and wire["kinds"] == {"stream": "python"} and wire["roles"] == {"stream": "both"}
+        assert WorkerEntry.from_wire(wire).to_wire() == wire
+    # a reader keeps what it does not know and reads what is not a worker entry as None
+    assert WorkerEntry.from_wire({"name": "x", "state": "ready", "later": 1}).to_wire()["later"] == 1
+    assert WorkerEntry.read({"state": "sleeping"}) is None

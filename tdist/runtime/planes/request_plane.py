@@ -87,8 +87,9 @@ class RequestPlane(Protocol):
     # -- serving side
     async def serve(self, operator: str, instance: str, *, max_inflight: int, window: Callable[[], int],
                     deliver: Callable[[Delivery], None]) -> Intake:
-        """Start taking `operator`'s requests for this `instance`: queued ones while window() > 0,
-        and every request directed to the instance."""
+        """Start taking `operator`'s requests for this `instance`: queued ones while window() > 0
+        (window() is the host's free slots of `max_inflight`), and every request directed to the
+        instance. Each one is handed to deliver(), synchronously."""
 
     async def reply(self, subject: str, payload: bytes) -> None:
         """Send an encoded response to a caller's reply subject."""
