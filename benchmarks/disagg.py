@@ -114,7 +114,7 @@ def summarize(path: str, c: int, wall: float, samples: list[dict[str, Any]]) -> 
 
 
 async def bench(nats_url: str, name: str, args: argparse.Namespace, levels: list[int]) -> dict[str, Any]:
-    from tdist.operators.router import wait_for_instances
+    from tdist.operators.routing.router import wait_for_instances
     from tdist.runtime.planes.request import RequestClient
 
     client = await RequestClient.connect(nats_url, name)

@@ -102,7 +102,7 @@ def summarize(name: str, samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def bench(nats_url: str, name: str, args: argparse.Namespace) -> dict[str, Any]:
-    from tdist.operators.router import wait_for_instances
+    from tdist.operators.routing.router import wait_for_instances
     from tdist.runtime.planes.request import RequestClient
 
     client = await RequestClient.connect(nats_url, name)

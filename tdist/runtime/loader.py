@@ -12,9 +12,9 @@ from tdist.runtime.operator import Operator
 #: Built-in operator kinds → implementation. Frontends are chosen by `parameters.protocol`.
 BUILTIN_KINDS: dict[str, str] = {
     "triton": "tdist.operators.triton:TritonCoreOperator",
-    "vllm": "tdist.operators.vllm:VllmOperator",
-    "trtllm": "tdist.operators.trtllm:TrtllmOperator",
-    "router": "tdist.operators.router:RouterOperator",
+    "vllm": "tdist.operators.llm.vllm:VllmOperator",
+    "trtllm": "tdist.operators.llm.trtllm:TrtllmOperator",
+    "router": "tdist.operators.routing.router:RouterOperator",
 }
 FRONTENDS: dict[str, str] = {
     "openai": "tdist.operators.frontends.openai:OpenAIFrontend",

@@ -10,89 +10,19 @@ array) and `request.parameters` (JSON-able dict), and answers with any number of
 
 from __future__ import annotations
 
-import contextvars
 import logging
-import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
 
 import numpy as np
 
+from tdist.runtime.calls import Caller, Request, Response, SendFn, current_client, current_request
 from tdist.runtime.config import OperatorConfig, WorkerConfig
 
-if TYPE_CHECKING:  # pragma: no cover
-    from tdist.runtime.planes.request import RequestClient
-
-#: The request being handled in this task; RemoteOperator calls inherit its deadline and id.
-current_request: contextvars.ContextVar["Request | None"] = contextvars.ContextVar("tdist_current_request", default=None)
-#: The request client of this process (set by the worker); RemoteOperator uses it by default.
-current_client: contextvars.ContextVar["RequestClient | None"] = contextvars.ContextVar("tdist_current_client", default=None)
-
-
-@dataclass
-class Response:
-    """One response of a request: partial (`final=False`) or the last one."""
-
-    request_id: str
-    outputs: dict[str, Any] = field(default_factory=dict)
-    parameters: dict[str, Any] = field(default_factory=dict)
-    final: bool = False
-    worker: str | None = None  # instance name that produced it
-
-
-SendFn = Callable[[Response], Awaitable[None]]
-
-
-class Request:
-    """A request as an operator sees it."""
-
-    def __init__(
-        self,
-        *,
-        id: str,
-        operator: str,
-        inputs: dict[str, Any],
-        parameters: dict[str, Any],
-        deadline: float,
-        send: SendFn,
-        worker: str | None = None,
-        attempt: int = 1,
-    ) -> None:
-        self.id = id
-        self.operator = operator
-        self.inputs = inputs
-        self.parameters = parameters
-        self.deadline = deadline  # absolute, time.time() seconds
-        self.worker = worker
-        self.attempt = attempt
-        self._send = send
-        self.final_sent = False
-
-    @property
-    def time_left_s(self) -> float:
-        return self.deadline - time.time()
-
-    async def send(
-        self,
-        outputs: dict[str, Any] | None = None,
-        *,
-        parameters: dict[str, Any] | None = None,
-        final: bool = False,
-    ) -> None:
-        """Send a partial (or, with final=True, the last) response. Nothing may follow a final."""
-        if self.final_sent:
-            raise RuntimeError(f"request {self.id}: a final response was already sent")
-        if final:
-            self.final_sent = True
-        await self._send(
-            Response(
-                request_id=self.id,
-                outputs=dict(outputs or {}),
-                parameters=dict(parameters or {}),
-                final=final,
-                worker=self.worker,
-            )
-        )
+__all__ = [
+    "Caller", "Operator", "OperatorContext", "RemoteOperator", "Request", "Response", "SendFn",
+    "current_client", "current_request",
+]
 
 
 @dataclass
@@ -102,7 +32,7 @@ class OperatorContext:
     config: OperatorConfig
     worker: WorkerConfig
     logger: logging.Logger
-    client: "RequestClient | None" = None
+    client: "Caller | None" = None
     #: The worker's Prometheus registry (served on its metrics port): operators add their metrics here.
     metrics_registry: Any = None
 
@@ -147,12 +77,12 @@ class RemoteOperator:
     Inside an operator, calls inherit the current request's deadline and are cancelled with it.
     """
 
-    def __init__(self, name: str, *, instance: str | None = None, client: "RequestClient | None" = None) -> None:
+    def __init__(self, name: str, *, instance: str | None = None, client: "Caller | None" = None) -> None:
         self.name = name
         self.instance = instance
         self._client = client
 
-    def _resolve_client(self) -> "RequestClient":
+    def _resolve_client(self) -> Caller:
         client = self._client or current_client.get()
         if client is None:
             raise RuntimeError(

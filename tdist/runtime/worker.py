@@ -20,15 +20,18 @@ import time
 from typing import Any
 
 from tdist.errors import OperatorLoadError, TdistError
-from tdist.runtime import protocol as P
+from tdist.runtime.calls import current_client
 from tdist.runtime.config import WorkerConfig
 from tdist.runtime.loader import load_operator_class
 from tdist.runtime.metrics import WorkerMetrics
-from tdist.runtime.operator import OperatorContext, current_client
-from tdist.runtime.planes.codec import make_codec
-from tdist.runtime.planes.discovery import make_discovery
-from tdist.runtime.planes.request import RequestClient, connect_nats, ensure_stream, resolve_nats_url
-from tdist.runtime.serve import OperatorHost
+from tdist.runtime.operator import OperatorContext
+from tdist.runtime.planes.codec import TensorCodec, make_codec
+from tdist.runtime.planes.discovery import Discovery, make_discovery
+from tdist.runtime.planes.discovery_entry import OperatorStatus, WorkerEntry
+from tdist.runtime.planes.request import RequestClient
+from tdist.runtime.planes.request_nats import NatsRequestPlane, ensure_stream, resolve_nats_url
+from tdist.runtime.planes.request_plane import RequestPlane
+from tdist.runtime.serve import Cancellations, OperatorHost, ServingContext
 
 log = logging.getLogger("tdist.worker")
 
@@ -41,6 +44,8 @@ LOCAL_RANK_ENV = ("OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKI
 
 
 class Worker:
+    """One worker process: its planes, its operators' hosts, its discovery entry and metrics."""
+
     def __init__(self, config: WorkerConfig, *, drain_timeout_s: float = 30.0) -> None:
         self.config = config
         self.deployment = config.deployment
@@ -50,58 +55,52 @@ class Worker:
         self.state = "starting"
         self.error: str | None = None
         self.started_at = time.time()
-        self.nc: Any = None
-        self.js: Any = None
-        self.codec: Any = None
-        self.discovery: Any = None
+        self.plane: RequestPlane | None = None
+        self.codec: TensorCodec | None = None
+        self.discovery: Discovery | None = None
         self.client: RequestClient | None = None
-        self._cancelled: dict[str, float] = {}
+        self.cancelled = Cancellations()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._listeners: list[Any] = []
 
     # ---- cancellation -----------------------------------------------------------------------
 
-    def is_cancelled(self, request_id: str) -> bool:
-        return request_id in self._cancelled
-
-    async def _on_cancel(self, msg: Any) -> None:
-        try:
-            rid = P.decode_cancel(msg.data)
-        except Exception:
-            return
-        self._cancelled[rid] = time.time() + 600
+    def _on_cancel(self, request_id: str) -> None:
+        self.cancelled.add(request_id)
         for host in self.hosts.values():
-            host.cancel(rid)
+            host.cancel(request_id)
 
     # ---- discovery --------------------------------------------------------------------------
 
-    def entry(self) -> dict[str, Any]:
+    def entry(self) -> WorkerEntry:
         c = self.config
-        ops = {name: {**h.status(), "stats": _safe_stats(h)} for name, h in self.hosts.items()}
-        return {
-            "name": c.name,
-            "component": c.component,
-            "deployment": c.deployment,
-            "operators": [o.name for o in c.operators],
-            "kinds": {o.name: o.kind for o in c.operators},
-            "roles": {o.name: o.role for o in c.operators},
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "rank": c.rank,
-            "state": self.state,
-            "error": self.error,
-            "inflight": sum(o["inflight"] for o in ops.values()),
-            "served": sum(o["served"] for o in ops.values()),
-            "errors": sum(o["errors"] for o in ops.values()),
-            "per_operator": ops,
-            "started_at": self.started_at,
-            "heartbeat_at": time.time(),
-            "metrics_port": self.metrics.port,
-        }
+        ops = {name: OperatorStatus(**h.status(), stats=_safe_stats(h)) for name, h in self.hosts.items()}
+        return WorkerEntry(
+            name=c.name,
+            component=c.component,
+            deployment=c.deployment,
+            operators=[o.name for o in c.operators],
+            kinds={o.name: o.kind for o in c.operators},
+            roles={o.name: o.role for o in c.operators},
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            rank=c.rank,
+            state=self.state,  # type: ignore[arg-type]
+            error=self.error,
+            inflight=sum(o.inflight for o in ops.values()),
+            served=sum(o.served for o in ops.values()),
+            errors=sum(o.errors for o in ops.values()),
+            per_operator=ops,
+            started_at=self.started_at,
+            heartbeat_at=time.time(),
+            metrics_port=self.metrics.port,
+        )
 
     async def publish_entry(self) -> None:
+        assert self.discovery is not None
         try:
-            await self.discovery.put(self.config.name, self.entry())
+            await self.discovery.put(self.config.name, self.entry().to_wire())
         except Exception as exc:
             log.warning("discovery update failed: %s", exc)
 
@@ -109,22 +108,30 @@ class Worker:
         interval = self.config.request_plane.heartbeat_interval_s
         while True:
             await asyncio.sleep(interval)
-            now = time.time()
-            self._cancelled = {k: v for k, v in self._cancelled.items() if v > now}
+            self.cancelled.prune()
             await self.publish_entry()
 
     # ---- life cycle -------------------------------------------------------------------------
 
     async def run(self) -> int:
+        """Connect the planes this config names (NATS, its discovery, the data plane), then serve."""
         c = self.config
         url = resolve_nats_url(c.request_plane)
-        self.nc = await connect_nats(url, name=f"tdist-worker-{c.name}")
-        self.js = self.nc.jetstream()
-        await ensure_stream(self.js, self.deployment)
-        self.discovery = make_discovery(c.discovery, self.deployment, js=self.js)
-        self.codec = make_codec(c.data_plane, host=_host_address(url))
-        await self.codec.start()
-        self.client = RequestClient(self.nc, self.deployment, config=c.request_plane, codec=self.codec, discovery=self.discovery)
+        plane = await NatsRequestPlane.connect(url, self.deployment, config=c.request_plane, name=f"tdist-worker-{c.name}")
+        await ensure_stream(plane.js, self.deployment)
+        discovery = make_discovery(c.discovery, self.deployment, js=plane.js)
+        codec = make_codec(c.data_plane, host=_host_address(url))
+        await codec.start()
+        return await self.serve(plane, discovery, codec)
+
+    async def serve(self, plane: RequestPlane, discovery: Discovery, codec: TensorCodec) -> int:
+        """Start the operators and serve their requests on `plane` until request_stop(); then drain.
+
+        The planes are given (and closed at the end), so unit tests run a whole worker on the
+        in-memory request plane and discovery."""
+        c = self.config
+        self.plane, self.discovery, self.codec = plane, discovery, codec
+        self.client = RequestClient(plane, config=c.request_plane, codec=codec, discovery=discovery)
         await self.client.start()
         current_client.set(self.client)
         if c.metrics_port is not None:
@@ -133,7 +140,9 @@ class Worker:
             except OSError as exc:
                 log.error("metrics port %s unavailable: %s (continuing without metrics)", c.metrics_port, exc)
         await self.publish_entry()
-        await self.nc.subscribe(P.cancel_subject(self.deployment), cb=self._on_cancel)
+        self._listeners.append(await plane.on_cancel(self._on_cancel))
+        serving = ServingContext(instance=c.name, plane=plane, codec=codec, metrics=self.metrics,
+                                 request_plane=c.request_plane, cancelled=self.cancelled)
 
         try:
             for oc in c.operators:
@@ -148,10 +157,10 @@ class Worker:
                     raise
                 except Exception as exc:
                     raise OperatorLoadError(f"operator {oc.name!r} failed to start: {type(exc).__name__}: {exc}") from exc
-                self.hosts[oc.name] = OperatorHost(self, oc, op)
+                self.hosts[oc.name] = OperatorHost(serving, oc, op)
             for host in self.hosts.values():
                 await host.start_serving()
-            await self.nc.flush()
+            await plane.flush()
         except TdistError as exc:
             self.state = "failed"
             self.error = exc.render()
@@ -186,11 +195,15 @@ class Worker:
     async def _close(self, deregister: bool = False) -> None:
         for t in self._tasks:
             t.cancel()
+        for listener in self._listeners:
+            await listener.close()
         if deregister and self.discovery is not None:
             try:
                 await self.discovery.delete(self.config.name)
             except Exception:
                 pass
+        if self.client is not None:
+            await self.client.close()
         if self.codec is not None:
             try:
                 await self.codec.close()
@@ -199,9 +212,9 @@ class Worker:
         if self.discovery is not None:
             await self.discovery.close()
         self.metrics.close()
-        if self.nc is not None:
+        if self.plane is not None:
             try:
-                await self.nc.drain()
+                await self.plane.close()
             except Exception:
                 pass
 

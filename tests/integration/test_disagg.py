@@ -156,7 +156,7 @@ async def _warm_kv_paths(nats_url: str, name: str) -> None:
     handshake between two engines is lazy and, measured on 2 loaded cores, took 2 s to over 30 s
     (the pull timeout), so the first test would measure start-up, not the path. Done the way the
     router does it: prefill on the context worker, then a pull on each generation worker."""
-    from tdist.operators.disagg import decode_parameters, prefill_parameters
+    from tdist.operators.routing.disagg import decode_parameters, prefill_parameters
     from tdist.runtime.planes.request import RequestClient
 
     client = await RequestClient.connect(nats_url, name)
@@ -378,7 +378,7 @@ async def test_killing_the_context_worker_mid_request_still_completes(disagg: di
         await asyncio.sleep(1.0)  # the prefill request is with the (stopped) context worker now
         # the whole context server dies, engine processes included (a worker killed alone leaves
         # vLLM's EngineCore orphaned and spinning: the supervisor does not reap a dead worker's children)
-        from tdist.operators.vllm import descendants
+        from tdist.operators.llm.engine_processes import descendants
 
         engine = descendants(pid)
         os.kill(pid, signal.SIGKILL)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tdist.operators.cpu_features import request_amx_permission
+from tdist.operators.llm.cpu_features import request_amx_permission
 
 
 def _cpu_flags() -> set[str]:

@@ -13,8 +13,9 @@ try:
     from test_llm_harness import FakeLLM, InProcessClient, make_context
 except ImportError:  # pragma: no cover
     from tests.unit.test_llm_harness import FakeLLM, InProcessClient, make_context
-from tdist.operators.disagg import check_handle, connector_settings, decide, prefill_parameters, side_channel_env, valid_handle
-from tdist.operators.router import RouterOperator
+from tdist.operators.llm.kv_transfer import check_handle, connector_settings, side_channel_env
+from tdist.operators.routing.disagg import decide, prefill_parameters, valid_handle
+from tdist.operators.routing.router import RouterOperator
 from tdist.runtime.operator import Request
 
 HANDLE = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": "e1", "remote_block_ids": [[1, 2]],
@@ -30,13 +31,13 @@ def test_connector_settings_by_role() -> None:
     assert gen["kv_role"] == "kv_consumer" and gen["kv_load_failure_policy"] == "recompute"
     assert "kv_buffer_device" not in gen and gen["kv_connector_extra_config"] == {"kv_lease_duration": 120, "x": 1}
     assert ctx["kv_connector_extra_config"]["num_threads"] == 1
-    assert ctx["kv_connector_module_path"] == "tdist.operators.nixl_cpu"  # AMX asked for in the engine processes
+    assert ctx["kv_connector_module_path"] == "tdist.operators.llm.nixl_cpu"  # AMX asked for in the engine processes
     assert "kv_connector_module_path" not in gen  # GPU: vLLM's own connector
 
 
 def test_nixl_env_from_parameters() -> None:
     from tdist.errors import OperatorLoadError
-    from tdist.operators.disagg import nixl_env
+    from tdist.operators.llm.kv_transfer import nixl_env
 
     assert nixl_env({}) == {"TDIST_NIXL_PROGRESS": "busy"}  # a context engine: the passive side of every READ
     assert nixl_env({}, "generation") == {"TDIST_NIXL_PROGRESS": "off"}  # it polls its own pulls each step
@@ -168,8 +169,8 @@ async def test_no_context_worker_means_local_prefill_and_kv_policy_works_in_disa
 def test_prometheus_families_of_router_and_llm_stats() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from tdist.operators.disagg import router_metric_families
-    from tdist.operators.llm_common import llm_metric_families, register_collector
+    from tdist.operators.routing.router import router_metric_families
+    from tdist.operators.llm.llm_common import llm_metric_families, register_collector
 
     reg = CollectorRegistry()
     register_collector(reg, lambda: router_metric_families(
@@ -197,8 +198,8 @@ async def test_a_remote_prefill_whose_kv_never_arrives_is_given_up_and_retryable
     request) with WorkerLost, which the router retries with a local prefill."""
     pytest.importorskip("vllm")
     from tdist.errors import WorkerLost
-    from tdist.operators.llm_common import LLMPrompt, SamplingOptions
-    from tdist.operators.vllm import VllmEngine, _first_within
+    from tdist.operators.llm.convention import LLMPrompt, SamplingOptions
+    from tdist.operators.llm.vllm import VllmEngine, _first_within
 
     async def stuck():
         await asyncio.sleep(3600)
@@ -224,7 +225,7 @@ async def test_a_remote_prefill_whose_kv_never_arrives_is_given_up_and_retryable
     eng = VllmEngine({"model": "m"}, role="generation", disagg_parameters={"kv_pull_timeout_s": 0.2})
     eng.llm = FakeLLM()
     eng._engine_prompt = lambda prompt: "x"  # type: ignore[method-assign]
-    import tdist.operators.vllm as vmod
+    import tdist.operators.llm.vllm as vmod
 
     monkeypatch.setattr(vmod, "to_vllm_sampling", lambda sampling, extra=None: None)
     kvp = dict(HANDLE)

@@ -1,7 +1,8 @@
 """KServe v2 frontend against an in-process fake deployment, with the real tritonclient clients.
 
-The fake client stands in for the request plane (workers() from discovery, infer() streaming
-responses), so these tests need no NATS; tests/integration/test_kserve_triton.py runs the same
+The deployment behind the frontend is small python operators served on the in-memory request
+plane (test_llm_harness.InProcessClient: real RequestClient, OperatorHosts and discovery
+entries), so these tests need no NATS; tests/integration/test_kserve_triton.py runs the same
 clients against real Triton models.
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tdist.errors import BadRequest, NoWorkerError
+from tdist.errors import BadRequest
 from tdist.operators.frontends.kserve import (
     KServeFrontend,
     parse_http_infer,
@@ -24,7 +25,12 @@ from tdist.operators.frontends.kserve import (
     tensor_from_raw,
 )
 from tdist.runtime.config import OperatorConfig, WorkerConfig
-from tdist.runtime.operator import OperatorContext, Response
+from tdist.runtime.operator import Operator, OperatorContext, Request
+
+try:  # tests/unit is a rootdir-less test folder; also importable as a package
+    from test_llm_harness import InProcessClient, make_context
+except ImportError:  # pragma: no cover
+    from tests.unit.test_llm_harness import InProcessClient, make_context
 
 httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -48,40 +54,56 @@ ENCODER_CONFIG = {
 }
 
 
-class FakeClient:
-    """workers() like RequestClient's discovery view; infer() runs small python 'operators'."""
+class Echo(Operator):
+    async def execute(self, request: Request) -> None:
+        await request.send(dict(request.inputs), parameters={"echoed": len(request.inputs)}, final=True)
+
+
+class Encoder(Operator):
+    async def execute(self, request: Request) -> None:
+        x = request.inputs["input"]
+        await request.send({"output": np.invert(np.tile(x, 2))}, final=True)
+
+    def stats(self) -> dict[str, Any]:
+        return {"model_metadata": ENCODER_MD, "model_config": ENCODER_CONFIG}
+
+
+class Streamer(Operator):
+    async def execute(self, request: Request) -> None:
+        for i in range(3):
+            await request.send({"out": np.array([i], dtype=np.int32)}, final=i == 2)
+
+
+class Fails(Operator):
+    async def execute(self, request: Request) -> None:
+        raise BadRequest("input 'x' must be FP32", operator=self.name)
+
+
+class Idle(Operator):
+    """Stands for the frontend's own entry in discovery (kind frontend: not a model)."""
+
+    async def execute(self, request: Request) -> None:
+        raise AssertionError("a frontend is not called as a model")
+
+
+class FakeClient(InProcessClient):
+    """The deployment: echo, streamer, fails on echo.0, a Triton-like encoder on enc.0, the
+    frontend on fe.0; records what the frontend asked (operator, parameters, timeout_s)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.timeouts: list[float | None] = []
+        for name, cls in (("echo", Echo), ("streamer", Streamer), ("fails", Fails)):
+            self.add("echo.0", cls(make_context(name)))
+        self.add("enc.0", Encoder(make_context("encoder", "triton")))
+        self.add("fe.0", Idle(make_context("kserve", "frontend")))
 
-    async def workers(self, *, max_age_s: float = 1.0) -> dict[str, dict[str, Any]]:
-        return {
-            "echo.0": {"operators": ["echo", "streamer", "fails"], "kinds": {"echo": "python"}, "state": "ready", "per_operator": {}},
-            "enc.0": {
-                "operators": ["encoder"],
-                "kinds": {"encoder": "triton"},
-                "state": "ready",
-                "per_operator": {"encoder": {"stats": {"model_metadata": ENCODER_MD, "model_config": ENCODER_CONFIG}}},
-            },
-            "fe.0": {"operators": ["kserve"], "kinds": {"kserve": "frontend"}, "state": "ready", "per_operator": {}},
-        }
-
-    async def infer(self, operator, *, inputs=None, parameters=None, timeout_s=None, instance=None, request_id=None):
-        self.calls.append((operator, dict(parameters or {})))
-        self.timeouts.append(timeout_s)
-        if operator == "echo":
-            yield Response(request_id="x", outputs=dict(inputs), parameters={"echoed": len(inputs)}, final=True)
-        elif operator == "encoder":
-            x = inputs["input"]
-            yield Response(request_id="x", outputs={"output": np.invert(np.tile(x, 2))}, final=True)
-        elif operator == "streamer":
-            for i in range(3):
-                yield Response(request_id="x", outputs={"out": np.array([i], dtype=np.int32)}, final=i == 2)
-        elif operator == "fails":
-            raise BadRequest("input 'x' must be FP32", operator=operator)
-        else:
-            raise NoWorkerError(f"no ready worker hosts operator {operator!r}", operator=operator)
+    async def infer(self, operator: str, **kw: Any) -> Any:  # type: ignore[override]
+        self.calls.append((operator, dict(kw.get("parameters") or {})))
+        self.timeouts.append(kw.get("timeout_s"))
+        async for resp in super().infer(operator, **kw):
+            yield resp
 
 
 @pytest.fixture

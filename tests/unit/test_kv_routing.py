@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tdist.operators.kv_routing import KvAware, KvIndex, block_hashes, text_block_hashes
-from tdist.operators.router import Candidate, RouteKey, make_policy
+from tdist.operators.routing.kv_routing import KvAware, KvIndex, block_hashes, text_block_hashes
+from tdist.operators.routing.policies import Candidate, RouteKey, make_policy
 
 
 def _key(tokens: list[int], block: int = 4) -> RouteKey:

@@ -10,15 +10,8 @@ import numpy as np
 import pytest
 
 from tdist.errors import BadRequest, OperatorLoadError
-from tdist.operators.llm_common import (
-    Chunk,
-    chunk_to_response,
-    load_engine_args,
-    parse_prompt,
-    parse_sampling,
-    render_chat,
-    render_chat_fallback,
-)
+from tdist.operators.llm.convention import parse_prompt, parse_sampling, render_chat, render_chat_fallback
+from tdist.operators.llm.llm_common import Chunk, chunk_to_response, load_engine_args
 
 
 def load_tiny_model_script():
@@ -139,7 +132,7 @@ def test_engine_processes_are_reniced(tmp_path) -> None:
     import sys
     import time
 
-    from tdist.operators.vllm import renice_children
+    from tdist.operators.llm.engine_processes import renice_children
 
     if not sys.platform.startswith("linux"):
         pytest.skip("linux /proc only")
@@ -164,7 +157,7 @@ def test_engine_processes_are_reniced(tmp_path) -> None:
 def test_cpu_bind_choice() -> None:
     import os
 
-    from tdist.operators.vllm import cpu_bind_of
+    from tdist.operators.llm.engine_processes import cpu_bind_of
 
     assert cpu_bind_of(None, [], 0) is None and cpu_bind_of("auto", [], 3) is None
     aff = sorted(os.sched_getaffinity(0))
@@ -181,7 +174,7 @@ def test_cpu_list_and_pinning() -> None:
     import sys
     import time
 
-    from tdist.operators.vllm import parse_cpu_list, pin_children
+    from tdist.operators.llm.engine_processes import parse_cpu_list, pin_children
 
     assert parse_cpu_list("0-3,6") == {0, 1, 2, 3, 6}
     assert parse_cpu_list("1|2") == {1, 2} and parse_cpu_list("5") == {5}
@@ -203,7 +196,7 @@ def test_cpu_list_and_pinning() -> None:
 
 def test_a_missing_model_directory_says_so_not_hugging_face_repo_syntax(tmp_path) -> None:
     from tdist.errors import OperatorLoadError
-    from tdist.operators.vllm import build_engine_args
+    from tdist.operators.llm.vllm import build_engine_args
 
     for model in (str(tmp_path / "nope"), "./models/nope", "../nope"):
         with pytest.raises(OperatorLoadError, match="no such directory") as info:

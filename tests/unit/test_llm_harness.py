@@ -1,124 +1,102 @@
-"""An in-process stand-in for the request plane, for unit tests of the router and frontend.
+"""In-process LLM deployments for unit tests of the router and frontends, on the in-memory plane.
 
-`InProcessClient` has the two methods operators use from a RequestClient — `infer(...)` (an
-async iterator of Responses, cancelling the callee when closed) and `instances(operator)` —
-and dispatches to operator objects living in this process. `FakeLLM` is an operator speaking
-the team's LLM convention without an engine (echoes words of the prompt, one per chunk).
-Also imported by tests/unit/test_router*.py, test_openai*.py and tests/integration (vLLM).
+`InProcessClient` is a real `RequestClient` on a `MemoryBroker` (the in-memory request plane)
+whose `add(instance, operator)` hosts an operator object in this process behind a real
+`OperatorHost`, published in a `MemoryDiscovery` with its live in-flight counts: requests,
+streaming, deadlines, cancellation and typed errors take the production path, minus NATS.
+`FakeLLM` is an operator speaking the team's LLM convention without an engine (echoes words of
+the prompt, one per chunk). Imported by tests/unit/test_router.py, test_disagg_router.py and
+test_openai_frontend.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import time
-from typing import Any, AsyncIterator
+from typing import Any
 
 import numpy as np
 import pytest
 
-from tdist.errors import NoWorkerError, OperatorError, RequestError, RequestTimeout
-from tdist.operators.llm_common import parse_prompt, parse_sampling
-from tdist.runtime.config import OperatorConfig, WorkerConfig
-from tdist.runtime.operator import Operator, OperatorContext, Request, Response, current_request
+from tdist.errors import NoWorkerError, OperatorError
+from tdist.operators.llm.convention import parse_prompt, parse_sampling
+from tdist.runtime.config import OperatorConfig, RequestPlaneConfig, WorkerConfig
+from tdist.runtime.metrics import WorkerMetrics
+from tdist.runtime.operator import Operator, OperatorContext, Request
+from tdist.runtime.planes.codec import InlineCodec
+from tdist.runtime.planes.discovery import MemoryDiscovery
+from tdist.runtime.planes.discovery_entry import OperatorStatus, WorkerEntry
+from tdist.runtime.planes.request import RequestClient
+from tdist.runtime.planes.request_memory import MemoryBroker
+from tdist.runtime.serve import Cancellations, OperatorHost, ServingContext
 
-_ids = itertools.count(1)
+#: Runner slots of every hosted operator: instances have ample capacity unless a test says otherwise.
+HARNESS_MAX_INFLIGHT = 64
 
 
-class InProcessClient:
-    """Routes `infer(operator, instance=...)` to in-process operators; undirected → round robin."""
+class InProcessClient(RequestClient):
+    """A RequestClient whose deployment's instances are operator objects of this process."""
 
-    def __init__(self) -> None:
-        self.ops: dict[str, dict[str, Operator]] = {}
-        self.inflight: dict[tuple[str, str], int] = {}
-        self.calls: list[tuple[str, str]] = []  # (operator, instance) per request
-        self._rr = itertools.count()
+    def __init__(self, deployment: str = "test") -> None:
+        self.broker = MemoryBroker()
+        super().__init__(self.broker.plane(deployment), codec=InlineCodec(), discovery=MemoryDiscovery(ttl_s=3600),
+                         config=RequestPlaneConfig())
+        self.hosts: dict[tuple[str, str], OperatorHost] = {}  # (operator, instance) → its host
+        self.cancelled = Cancellations()
+        self._pending: list[tuple[str, Operator | None, str]] = []  # (instance, operator or None: remove, name)
+        self._cancel_listener: Any = None
 
     def add(self, instance: str, op: Operator) -> None:
-        self.ops.setdefault(op.name, {})[instance] = op
+        """Host `op` as `instance` (from the next request on)."""
+        self._pending.append((instance, op, op.name))
 
     def remove(self, instance: str, operator: str) -> None:
-        self.ops.get(operator, {}).pop(instance, None)
+        """Stop hosting `operator` on `instance` and take it out of discovery (from the next request on)."""
+        self._pending.append((instance, None, operator))
 
-    async def instances(self, operator: str, *, max_age_s: float = 1.0) -> dict[str, dict[str, Any]]:
-        return {
-            name: {"operators": [operator], "state": "ready", "per_operator": {operator: {"inflight": self.inflight.get((operator, name), 0), "queued": 0, "stats": {}}}}
-            for name in sorted(self.ops.get(operator, {}))
-        }
+    async def _apply(self) -> None:
+        if self._cancel_listener is None:
+            self._cancel_listener = await self.plane.on_cancel(self._on_cancel)
+        while self._pending:
+            instance, op, name = self._pending.pop(0)
+            old = self.hosts.pop((name, instance), None)
+            if old is not None:
+                await old.drain(0.0)
+            if op is None:
+                continue
+            cfg = op.context.config.model_copy(update={"max_inflight_requests": HARNESS_MAX_INFLIGHT})
+            serving = ServingContext(instance=instance, plane=self.plane, codec=InlineCodec(), metrics=WorkerMetrics(instance),
+                                     request_plane=self.config, cancelled=self.cancelled)
+            host = OperatorHost(serving, cfg, op)
+            await host.start_serving()
+            self.hosts[(name, instance)] = host
 
-    async def infer(
-        self,
-        operator: str,
-        *,
-        inputs: dict[str, Any] | None = None,
-        parameters: dict[str, Any] | None = None,
-        timeout_s: float | None = None,
-        instance: str | None = None,
-        request_id: str | None = None,
-    ) -> AsyncIterator[Response]:
-        hosts = self.ops.get(operator, {})
-        if instance is None:
-            if not hosts:
-                raise NoWorkerError(f"no ready worker hosts operator {operator!r}", operator=operator)
-            instance = sorted(hosts)[next(self._rr) % len(hosts)]
-        if instance not in hosts:
-            raise NoWorkerError(f"instance {instance!r} does not serve {operator!r}", operator=operator)
-        op = hosts[instance]
-        rid = request_id or f"r{next(_ids)}"
-        parent = current_request.get()
-        deadline = time.time() + (timeout_s if timeout_s is not None else 60.0)
-        if parent is not None:
-            deadline = min(deadline, parent.deadline)
-        queue: asyncio.Queue[Response | BaseException] = asyncio.Queue()
+    def _on_cancel(self, request_id: str) -> None:
+        self.cancelled.add(request_id)
+        for host in self.hosts.values():
+            host.cancel(request_id)
 
-        async def send(resp: Response) -> None:
-            queue.put_nowait(resp)
+    async def _listing(self, max_age_s: float) -> Any:
+        """Publish every instance's entry with its live figures, then read discovery afresh."""
+        await self._apply()
+        by_instance: dict[str, dict[str, OperatorHost]] = {}
+        for (name, instance), host in self.hosts.items():
+            by_instance.setdefault(instance, {})[name] = host
+        for key in set((await self.discovery.list())) - set(by_instance):
+            await self.discovery.delete(key)
+        for instance, hosts in by_instance.items():
+            entry = WorkerEntry(
+                name=instance, component=instance.split(".")[0], deployment=self.deployment, operators=sorted(hosts),
+                kinds={n: h.config.kind for n, h in hosts.items()}, state="ready",
+                per_operator={n: OperatorStatus(**h.status(), stats=h.operator.stats()) for n, h in hosts.items()},
+            )
+            await self.discovery.put(instance, entry.to_wire())
+        return await super()._listing(0.0)
 
-        req = Request(id=rid, operator=operator, inputs=dict(inputs or {}), parameters=dict(parameters or {}),
-                      deadline=deadline, send=send, worker=instance)
-        self.calls.append((operator, instance))
-        key = (operator, instance)
-        self.inflight[key] = self.inflight.get(key, 0) + 1
-
-        async def run() -> None:
-            token = current_request.set(req)
-            try:
-                await op.execute(req)
-                if not req.final_sent:
-                    await req.send(final=True)
-            except asyncio.CancelledError:
-                raise
-            except RequestError as exc:
-                queue.put_nowait(exc)
-            except Exception as exc:
-                queue.put_nowait(OperatorError(f"{type(exc).__name__}: {exc}", operator=operator, request_id=rid))
-            finally:
-                current_request.reset(token)
-
-        task = asyncio.create_task(run())
-        try:
-            while True:
-                remaining = deadline - time.time()
-                if remaining <= 0:
-                    raise RequestTimeout("deadline passed", operator=operator, request_id=rid)
-                try:
-                    item = await asyncio.wait_for(queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.final:
-                    return
-        finally:
-            self.inflight[key] -= 1
-            if not task.done():
-                task.cancel()
-                try:
-                    await task
-                except BaseException:
-                    pass
+    async def infer(self, operator: str, **kw: Any) -> Any:  # type: ignore[override]
+        await self._apply()
+        async for resp in super().infer(operator, **kw):
+            yield resp
 
 
 def make_context(name: str, kind: str = "python", *, client: Any = None, **config: Any) -> OperatorContext:

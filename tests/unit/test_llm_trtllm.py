@@ -20,7 +20,7 @@ try:  # tests/unit is a rootdir-less test folder; also importable as a package
 except ImportError:  # pragma: no cover
     from tests.unit.test_llm_harness import InProcessClient, make_context
 from tdist.errors import BadRequest, OperatorLoadError
-from tdist.operators.trtllm import TrtllmOperator
+from tdist.operators.llm.trtllm import TrtllmOperator
 from tdist.runtime.loader import load_operator_class
 
 
@@ -39,7 +39,7 @@ async def test_missing_tensorrt_llm_is_a_clear_error(monkeypatch) -> None:
 
 
 async def test_missing_vllm_is_a_clear_error(monkeypatch) -> None:
-    from tdist.operators.vllm import VllmOperator
+    from tdist.operators.llm.vllm import VllmOperator
 
     monkeypatch.setitem(sys.modules, "vllm", None)
     op = VllmOperator(make_context("llm", "vllm", engine_args={"model": "/m"}))

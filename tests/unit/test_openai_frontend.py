@@ -14,8 +14,9 @@ try:  # tests/unit is a rootdir-less test folder; also importable as a package
 except ImportError:  # pragma: no cover
     from tests.unit.test_llm_harness import FakeLLM, InProcessClient, make_context
 from tdist.errors import OperatorLoadError
-from tdist.operators.frontends.openai import OpenAIFrontend, api_error_of
-from tdist.operators.router import RouterOperator
+from tdist.operators.frontends.openai import OpenAIFrontend
+from tdist.operators.frontends.openai_wire import api_error_of
+from tdist.operators.routing.router import RouterOperator
 from tdist.errors import BadRequest, NoWorkerError, RequestTimeout
 
 

@@ -12,17 +12,17 @@ try:  # tests/unit is a rootdir-less test folder; also importable as a package
 except ImportError:  # pragma: no cover
     from tests.unit.test_llm_harness import FakeLLM, InProcessClient, make_context
 from tdist.errors import BadRequest, NoWorkerError, OperatorError, OperatorLoadError
-from tdist.operators.router import (
+from tdist.operators.routing.policies import (
     Candidate,
     LeastLoaded,
     PrefixAffinity,
     RoundRobin,
     RouteKey,
-    RouterOperator,
     inflight_of,
     make_policy,
     role_of,
 )
+from tdist.operators.routing.router import RouterOperator
 
 
 def cands(*names: str, loads: dict[str, int] | None = None) -> list[Candidate]:

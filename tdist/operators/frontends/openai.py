@@ -6,7 +6,7 @@ becomes one tdist request to the target (the router) in the team's LLM conventio
 (parameters.prompt | parameters.messages + sampling; streamed `text` deltas). Chat templates
 are applied by the engine worker, which has the tokenizer (plain fallback when none).
 
-Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`: 400 bad
+Errors are OpenAI-shaped (openai_wire.py), `{"error": {"message", "type", "param", "code"}}`: 400 bad
 parameters, 404 unknown model or route, 503 no worker, 504 deadline, 500 otherwise. A client
 that disconnects mid-stream cancels the request all the way to the engine.
 
@@ -22,78 +22,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from tdist.errors import (
-    BadRequest,
-    NoWorkerError,
-    OperatorLoadError,
-    RequestCancelled,
-    RequestError,
-    RequestTimeout,
-)
-from tdist.operators.llm_common import parse_sampling
+from tdist.errors import OperatorLoadError
+from tdist.operators.frontends.openai_wire import FINISH, SAMPLING_FIELDS, ApiError, api_error_of, sse, usage_of
+from tdist.operators.llm.convention import parse_sampling
 from tdist.runtime.operator import Operator, OperatorContext, Request
+from tdist.runtime.planes.discovery_entry import WorkerEntry
 
 LISTEN_LINE = "OpenAI frontend listening on"
-
-#: OpenAI request fields → tdist parameter names (those passed through unchanged).
-_SAMPLING_FIELDS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-    "stop",
-    "stop_token_ids",
-    "ignore_eos",
-    "min_tokens",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-)
-_FINISH = {"stop": "stop", "length": "length", "abort": "stop", "error": "stop"}
-
-
-class ApiError(Exception):
-    """An error answered as OpenAI's JSON error object."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def api_error_of(exc: BaseException) -> ApiError:
-    """Map tdist's typed request errors to HTTP statuses."""
-    if isinstance(exc, ApiError):
-        return exc
-    if isinstance(exc, BadRequest):
-        return ApiError(400, exc.message, param=exc.detail.get("param"), code="bad_request")
-    if isinstance(exc, NoWorkerError):
-        return ApiError(503, exc.message, type="service_unavailable", code="no_worker")
-    if isinstance(exc, RequestTimeout):
-        return ApiError(504, exc.message, type="timeout", code="timeout")
-    if isinstance(exc, RequestCancelled):
-        return ApiError(499, exc.message, type="cancelled", code="cancelled")
-    if isinstance(exc, RequestError):
-        return ApiError(500, exc.render(), type="server_error", code=exc.kind)
-    return ApiError(500, f"{type(exc).__name__}: {exc}", type="server_error", code="internal_error")
-
-
-def _sse(data: Any) -> bytes:
-    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
-
 
 class OpenAIFrontend(Operator):
     """See the module doc. The HTTP server lives as long as the operator (start → stop)."""
@@ -230,12 +170,13 @@ class OpenAIFrontend(Operator):
             return self.model_names
         self._lookup_error = None
         found: list[str] = []
-        for entry in entries.values():
-            kinds = entry.get("kinds") or {}
-            per = entry.get("per_operator") or {}
-            for op, kind in kinds.items():
+        for data in entries.values():
+            entry = WorkerEntry.read(data)
+            if entry is None:
+                continue
+            for op, kind in entry.kinds.items():
                 if kind in ("vllm", "trtllm"):
-                    name = ((per.get(op) or {}).get("stats") or {}).get("model")
+                    name = entry.stats_of(op).get("model")
                     if isinstance(name, str) and name not in found:
                         found.append(name)
         if found:
@@ -257,7 +198,7 @@ class OpenAIFrontend(Operator):
         return model
 
     def _sampling_params(self, body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
-        params: dict[str, Any] = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
+        params: dict[str, Any] = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
         max_tokens = body.get("max_completion_tokens") if chat else None
         if max_tokens is None:
             max_tokens = body.get("max_tokens")
@@ -294,9 +235,9 @@ class OpenAIFrontend(Operator):
             async for resp in stream:
                 texts.append(str(resp.parameters.get("text", "")))
                 if resp.final:
-                    finish = _FINISH.get(str(resp.parameters.get("finish_reason", "stop")), "stop")
+                    finish = FINISH.get(str(resp.parameters.get("finish_reason", "stop")), "stop")
                     usage = dict(resp.parameters.get("usage") or usage)
-        return "".join(texts), finish, _usage(usage)
+        return "".join(texts), finish, usage_of(usage)
 
     # -- handlers -----------------------------------------------------------------------------
 
@@ -409,30 +350,24 @@ class OpenAIFrontend(Operator):
                 while item is not None:
                     text = str(item.parameters.get("text", ""))
                     if item.final:
-                        finish = _FINISH.get(str(item.parameters.get("finish_reason", "stop")), "stop")
+                        finish = FINISH.get(str(item.parameters.get("finish_reason", "stop")), "stop")
                         usage = dict(item.parameters.get("usage") or usage)
-                        await resp.write(_sse(chunk(text, finish)))
+                        await resp.write(sse(chunk(text, finish)))
                         break
                     if text:
-                        await resp.write(_sse(chunk(text, None)))
+                        await resp.write(sse(chunk(text, None)))
                     try:
                         item = await gen.__anext__()
                     except StopAsyncIteration:
                         item = None
                 if include_usage:
-                    await resp.write(_sse(usage_chunk(_usage(usage))))
+                    await resp.write(sse(usage_chunk(usage_of(usage))))
             except (asyncio.CancelledError, ConnectionResetError):
                 raise
             except Exception as exc:  # headers are out: report in-band, as OpenAI does
                 err = api_error_of(exc)
                 self.counts["errors"] += 1
-                await resp.write(_sse(err.body()))
+                await resp.write(sse(err.body()))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
             return resp
-
-
-def _usage(usage: dict[str, Any]) -> dict[str, int]:
-    p = int(usage.get("prompt_tokens", 0) or 0)
-    c = int(usage.get("completion_tokens", 0) or 0)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}

@@ -13,6 +13,7 @@ import time
 from typing import Any, Protocol
 
 from tdist.runtime.config import DiscoveryConfig
+from tdist.runtime.planes.discovery_entry import WorkerEntry
 
 
 class Discovery(Protocol):
@@ -145,11 +146,7 @@ class NatsKVDiscovery:
     async def list(self) -> dict[str, dict[str, Any]]:
         await self._ensure_view()
         now = time.time()
-        return {
-            k: dict(v)
-            for k, v in self._view.items()
-            if not isinstance(v.get("heartbeat_at"), (int, float)) or now - v["heartbeat_at"] <= self.ttl_s
-        }
+        return {k: dict(v) for k, v in self._view.items() if _fresh(v, now, self.ttl_s)}
 
     async def _stop_view(self) -> None:
         if self._follow_task is not None:
@@ -176,6 +173,13 @@ class NatsKVDiscovery:
         self._starting = None
         await self._stop_view()
         self._kv = None
+
+
+def _fresh(data: dict[str, Any], now: float, ttl_s: float) -> bool:
+    """Refreshed within ttl_s, for entries that say when (worker entries: `heartbeat_at`)."""
+    entry = WorkerEntry.read(data)
+    beat = entry.heartbeat_at if entry is not None else None
+    return beat is None or now - beat <= ttl_s
 
 
 def make_discovery(config: DiscoveryConfig, deployment: str, *, js: Any = None) -> Discovery:

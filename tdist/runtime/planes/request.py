@@ -1,11 +1,12 @@
-"""Request plane on NATS: the caller side (`RequestClient`) and shared connection set-up.
+"""The caller side of the request plane: `RequestClient`, over any `RequestPlane` transport.
 
-Load-balanced requests go to a JetStream work-queue stream per deployment; each worker pulls
-only what its `max_inflight_requests` allows (backpressure) and acks after its final response,
-so a request whose worker dies is redelivered to another replica after `ack_wait_s`.
-Directed requests (one instance) go over core NATS. Responses stream back on the caller's
-inbox: partials then exactly one final, or a typed error. Deadlines and cancellation travel
-with every request and fan out to the calls it makes (see operator.current_request).
+It sends a request (to an operator's work queue, or directed to one instance), then streams its
+responses back from one inbox per client: partials, then exactly one final, or a typed error.
+Deadlines travel with every request and are capped by the calling request's (inside an
+operator), and leaving early cancels the request on its worker, which fans out to the calls it
+made. A worker that leaves discovery, or restarts, while holding the request ends it with
+WorkerLost instead of a wait until the deadline. The transport (NATS or in memory) is
+planes/request_nats.py / request_memory.py.
 """
 
 from __future__ import annotations
@@ -13,86 +14,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 import time
 from typing import Any, AsyncIterator
 
-import nats
-from nats.errors import MaxPayloadError, NoServersError
-from nats.js.errors import NoStreamResponseError
-
-from tdist.errors import (
-    NoWorkerError,
-    PayloadTooLarge,
-    RequestCancelled,
-    RequestError,
-    RequestTimeout,
-    TdistError,
-    WorkerLost,
-)
-from tdist.runtime import protocol as P
+import tdist.runtime.protocol as P
+from tdist.errors import NoWorkerError, PayloadTooLarge, RequestError, RequestTimeout, WorkerLost
+from tdist.runtime.calls import Response, current_client, current_request
 from tdist.runtime.config import DataPlaneConfig, DiscoveryConfig, RequestPlaneConfig
-from tdist.runtime.operator import Response, current_client, current_request
 from tdist.runtime.planes.codec import TensorCodec, decode_tensors, encode_tensors, make_codec
 from tdist.runtime.planes.discovery import Discovery, make_discovery
+from tdist.runtime.planes.discovery_entry import WorkerEntry
+from tdist.runtime.planes.request_nats import NatsRequestPlane, resolve_nats_url
+from tdist.runtime.planes.request_plane import Listener, RequestPlane
 
 log = logging.getLogger("tdist.request")
-
-
-class ConnectError(TdistError):
-    """The request plane (NATS) cannot be reached."""
-
-    exit_code = 3
-
-
-def resolve_nats_url(config: RequestPlaneConfig | None = None, url: str | None = None) -> str:
-    found = url or (config.url if config else None) or os.environ.get("NATS_SERVER")
-    if not found:
-        raise ConnectError("no NATS URL: set request_plane in the graph, pass --nats-url, or export NATS_SERVER")
-    return found
-
-
-async def connect_nats(url: str, *, name: str = "tdist", connect_timeout_s: float = 5.0) -> Any:
-    """Connect with bounded retries and no reconnect storm; errors say which URL failed."""
-    try:
-        return await nats.connect(
-            url,
-            name=name,
-            connect_timeout=connect_timeout_s,
-            max_reconnect_attempts=5,
-            reconnect_time_wait=0.5,
-            allow_reconnect=True,
-            error_cb=_quiet_error_cb,
-        )
-    except (NoServersError, OSError, asyncio.TimeoutError) as exc:
-        raise ConnectError(f"cannot connect to NATS at {url}: {type(exc).__name__}: {exc}") from None
-
-
-async def _quiet_error_cb(exc: Exception) -> None:
-    log.debug("nats error: %s", exc)
-
-
-async def ensure_stream(js: Any, deployment: str) -> None:
-    """Create the deployment's work-queue stream if missing (idempotent; any process may race)."""
-    from nats.js.api import RetentionPolicy, StorageType, StreamConfig
-
-    name = P.stream_name(deployment)
-    try:
-        await js.stream_info(name)
-        return
-    except Exception:
-        pass
-    try:
-        await js.add_stream(
-            StreamConfig(
-                name=name,
-                subjects=P.stream_subjects(deployment),
-                retention=RetentionPolicy.WORK_QUEUE,
-                storage=StorageType.MEMORY,
-            )
-        )
-    except Exception:
-        await js.stream_info(name)  # created by someone else meanwhile; raise if truly missing
 
 
 class RequestClient:
@@ -104,30 +39,38 @@ class RequestClient:
 
     def __init__(
         self,
-        nc: Any,
-        deployment: str,
+        plane: RequestPlane,
         *,
         config: RequestPlaneConfig | None = None,
         codec: TensorCodec | None = None,
         discovery: Discovery | None = None,
-        owns_connection: bool = False,
+        owns_plane: bool = False,
     ) -> None:
-        self.nc = nc
-        self.js = nc.jetstream()
-        self.deployment = deployment
+        self.plane = plane
+        self.deployment = plane.deployment
         self.config = config or RequestPlaneConfig()
         self.codec = codec
-        self.discovery = discovery or make_discovery(DiscoveryConfig(), deployment, js=self.js)
-        self._owns = owns_connection
+        # NATS KV discovery by default: the other transports come with their own discovery
+        self.discovery = discovery or make_discovery(DiscoveryConfig(), self.deployment, js=getattr(plane, "js", None))
+        self._owns = owns_plane
         self._inbox_prefix = f"_INBOX.tdist.{P.new_request_id()}"
         self._queues: dict[str, asyncio.Queue[P.ResponseMessage]] = {}
-        self._sub: Any = None
-        self._workers_cache: tuple[float, dict[str, dict[str, Any]]] = (0.0, {})
-        self._stream_known = False  # set after the first acknowledged publish into the stream
+        self._listener: Listener | None = None
+        self._workers_cache: tuple[float, dict[str, dict[str, Any]], dict[str, WorkerEntry]] = (0.0, {}, {})
         #: how often a request waiting on a known worker checks that it is still in discovery,
         #: and how long it must have been missing before the request ends with WorkerLost
         self.liveness_check_s = 2.0
         self.worker_lost_after_s = 2 * float(getattr(self.discovery, "ttl_s", 5.0))
+
+    @property
+    def nc(self) -> Any:
+        """The NATS connection of a client on the NATS plane (for code that speaks NATS itself)."""
+        return self.plane.nc  # type: ignore[attr-defined]
+
+    @property
+    def js(self) -> Any:
+        """The JetStream context of a client on the NATS plane."""
+        return self.plane.js  # type: ignore[attr-defined]
 
     @classmethod
     async def connect(
@@ -139,11 +82,12 @@ class RequestClient:
         data_plane: DataPlaneConfig | None = None,
         discovery: DiscoveryConfig | None = None,
     ) -> "RequestClient":
-        nc = await connect_nats(resolve_nats_url(config, url), name=f"tdist-client-{deployment}")
+        plane = await NatsRequestPlane.connect(resolve_nats_url(config, url), deployment, config=config,
+                                               name=f"tdist-client-{deployment}")
         codec = make_codec(data_plane or DataPlaneConfig())
         await codec.start()
-        disc = make_discovery(discovery or DiscoveryConfig(), deployment, js=nc.jetstream())
-        client = cls(nc, deployment, config=config, codec=codec, discovery=disc, owns_connection=True)
+        disc = make_discovery(discovery or DiscoveryConfig(), deployment, js=plane.js)
+        client = cls(plane, config=config, codec=codec, discovery=disc, owns_plane=True)
         await client.start()
         return client
 
@@ -151,24 +95,18 @@ class RequestClient:
         if self.codec is None:
             self.codec = make_codec(DataPlaneConfig(kind="inline"))
             await self.codec.start()
-        if self._sub is None:
-            self._sub = await self.nc.subscribe(self._inbox_prefix + ".*", cb=self._on_response)
+        if self._listener is None:
+            self._listener = await self.plane.listen(self._inbox_prefix, self._on_response)
 
     async def close(self) -> None:
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception:
-                pass
-            self._sub = None
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
         if self._owns:
             if self.codec is not None:
                 await self.codec.close()
             await self.discovery.close()
-            try:
-                await self.nc.drain()
-            except Exception:
-                await self.nc.close()
+            await self.plane.close()
 
     async def __aenter__(self) -> "RequestClient":
         await self.start()
@@ -177,18 +115,16 @@ class RequestClient:
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
-    async def _on_response(self, msg: Any) -> None:
-        if not msg.data and (msg.headers or {}).get("Status") == "503":
-            # "no responders": a directed request reached no subscriber (the instance is gone)
-            rid = msg.subject.rsplit(".", 1)[-1]
-            q = self._queues.get(rid)
+    def _on_response(self, token: str, payload: bytes | None) -> None:
+        if payload is None:  # a directed request reached no listener (the instance is gone)
+            q = self._queues.get(token)
             if q is not None:
                 q.put_nowait(_NO_RESPONDERS)
             return
         try:
-            resp = P.decode_response(msg.data)
+            resp = P.decode_response(payload)
         except RequestError as exc:
-            log.warning("dropping malformed response on %s: %s", msg.subject, exc)
+            log.warning("dropping a malformed response for %s: %s", token, exc)
             return
         q = self._queues.get(resp.id)
         if q is not None:
@@ -196,23 +132,29 @@ class RequestClient:
 
     # ---- discovery view -------------------------------------------------------------------
 
-    async def workers(self, *, max_age_s: float = 1.0) -> dict[str, dict[str, Any]]:
-        """Live worker entries (name → entry), cached for max_age_s."""
-        stamp, cached = self._workers_cache
+    async def _listing(self, max_age_s: float) -> tuple[dict[str, dict[str, Any]], dict[str, WorkerEntry]]:
+        """Discovery's listing as published and typed, read at most every max_age_s (the typed
+        view is parsed once per read, not once per request)."""
+        stamp, raw, typed = self._workers_cache
         if time.monotonic() - stamp > max_age_s:
-            cached = await self.discovery.list()
-            self._workers_cache = (time.monotonic(), cached)
-        return cached
+            raw = await self.discovery.list()
+            typed = {name: e for name, e in ((n, WorkerEntry.read(d)) for n, d in raw.items()) if e is not None}
+            self._workers_cache = (time.monotonic(), raw, typed)
+        return raw, typed
 
-    async def instances(self, operator: str, *, max_age_s: float = 1.0) -> dict[str, dict[str, Any]]:
+    async def workers(self, *, max_age_s: float = 1.0) -> dict[str, dict[str, Any]]:
+        """Live worker entries as published (name → the JSON object), cached for max_age_s."""
+        return (await self._listing(max_age_s))[0]
+
+    async def worker_entries(self, *, max_age_s: float = 1.0) -> dict[str, WorkerEntry]:
+        """Live worker entries, typed (name → entry); what is not a worker entry is left out."""
+        return dict((await self._listing(max_age_s))[1])
+
+    async def instances(self, operator: str, *, max_age_s: float = 1.0) -> dict[str, WorkerEntry]:
         """Ready workers hosting `operator` (name → discovery entry)."""
-        return {
-            name: e
-            for name, e in (await self.workers(max_age_s=max_age_s)).items()
-            if operator in e.get("operators", []) and e.get("state") == "ready"
-        }
+        return {name: e for name, e in (await self.worker_entries(max_age_s=max_age_s)).items() if e.serves(operator)}
 
-    async def _check_served(self, operator: str, instance: str | None) -> dict[str, dict[str, Any]]:
+    async def _check_served(self, operator: str, instance: str | None) -> dict[str, WorkerEntry]:
         found = await self.instances(operator)
         if not found or (instance is not None and instance not in found):  # maybe the cache is stale: look again now
             found = await self.instances(operator, max_age_s=0.0)
@@ -342,8 +284,7 @@ class RequestClient:
                 await self.cancel(rid)
 
     async def _publish(self, msg: P.RequestMessage, payload: bytes) -> None:
-        headers = {P.HDR_REPLY: msg.reply, P.HDR_ID: msg.id, P.HDR_DEADLINE: repr(msg.deadline)}
-        limit = self.nc.max_payload
+        limit = self.plane.max_payload
         if len(payload) > limit:
             raise PayloadTooLarge(
                 f"request is {len(payload)} bytes, over the NATS max_payload of {limit}; "
@@ -352,42 +293,14 @@ class RequestClient:
                 request_id=msg.id,
                 detail={"bytes": len(payload), "max_payload": limit},
             )
-        try:
-            if msg.instance is not None:
-                # with a reply subject, the server answers "no responders" when nobody listens
-                await self.nc.publish(
-                    P.direct_subject(self.deployment, msg.operator, msg.instance), payload,
-                    reply=msg.reply, headers=headers,
-                )
-            elif self._stream_known:
-                # The stream exists and a ready worker pulls from it (checked above): a core
-                # publish is stored by JetStream without a PubAck round trip per request.
-                await self.nc.publish(P.request_subject(self.deployment, msg.operator), payload, headers=headers)
-            else:
-                await self.js.publish(
-                    P.request_subject(self.deployment, msg.operator),
-                    payload,
-                    headers={**headers, "Nats-Msg-Id": msg.id},
-                    timeout=max(0.1, min(5.0, msg.deadline - time.time())),
-                )
-                self._stream_known = True
-        except MaxPayloadError as exc:
-            raise PayloadTooLarge(str(exc), operator=msg.operator, request_id=msg.id) from None
-        except NoStreamResponseError:
-            raise NoWorkerError(
-                f"deployment {self.deployment!r} has no request stream (no worker ever started)",
-                operator=msg.operator,
-                request_id=msg.id,
-            ) from None
-        except asyncio.TimeoutError:
-            raise RequestTimeout("publishing the request timed out", operator=msg.operator, request_id=msg.id) from None
+        await self.plane.submit(msg, payload)
 
     async def _check_alive(self, watch: "_Watch", operator: str, rid: str) -> None:
         """Raise WorkerLost once the worker holding the request has been absent from discovery for
         worker_lost_after_s (2 TTLs: its heartbeats stopped — killed, hung or cut off; one late
         heartbeat is not enough), or is back as another process (restarted: what it held is gone)."""
         try:
-            entry = (await self.workers(max_age_s=self.liveness_check_s / 2)).get(watch.worker)
+            entry = (await self.worker_entries(max_age_s=self.liveness_check_s / 2)).get(watch.worker)
         except Exception as exc:  # discovery unreadable for a moment: no verdict
             log.debug("liveness check of %s failed: %s", watch.worker, exc)
             return
@@ -413,10 +326,7 @@ class RequestClient:
 
     async def cancel(self, request_id: str) -> None:
         """Tell every worker to stop `request_id` (and, through it, the calls it made)."""
-        try:
-            await self.nc.publish(P.cancel_subject(self.deployment), P.encode_cancel(request_id))
-        except Exception as exc:  # connection closing: nothing more to do
-            log.debug("cancel of %s not sent: %s", request_id, exc)
+        await self.plane.cancel(request_id)
 
 
 @dataclasses.dataclass
@@ -428,8 +338,10 @@ class _Watch:
     missing_since: float | None = None
 
 
-def _identity(entry: dict[str, Any]) -> tuple[Any, ...]:
-    return (entry.get("host"), entry.get("pid"), entry.get("started_at"))
+def _identity(entry: Any) -> tuple[Any, ...] | None:
+    """A worker's process identity; None for something in discovery that is not a worker entry."""
+    typed = WorkerEntry.read(entry)
+    return typed.identity() if typed is not None else None
 
 
 #: Queued in place of a response when the server reports that a directed request reached nobody.
@@ -441,12 +353,4 @@ def set_process_client(client: RequestClient) -> None:
     current_client.set(client)
 
 
-__all__ = [
-    "ConnectError",
-    "RequestCancelled",
-    "RequestClient",
-    "connect_nats",
-    "ensure_stream",
-    "resolve_nats_url",
-    "set_process_client",
-]
+__all__ = ["RequestClient", "set_process_client"]

@@ -15,6 +15,7 @@ import numpy as np
 from tdist.errors import BadRequest, NoWorkerError, RequestError, RequestTimeout
 from tdist.operators.frontends.kserve.codec import KServeError, bad, wire_parameters
 from tdist.runtime.operator import RemoteOperator
+from tdist.runtime.planes.discovery_entry import WorkerEntry
 
 SERVER_NAME = "tdist"
 SERVER_VERSION = "0.1.0"
@@ -72,21 +73,22 @@ class KServeCore:
     async def models(self) -> dict[str, ModelInfo]:
         out: dict[str, ModelInfo] = {n: ModelInfo(n) for n in self.known if n not in self.exclude}
         entries = await self.client.workers()
-        for entry in entries.values():
-            kinds = entry.get("kinds", {})
-            per_op = entry.get("per_operator", {})
-            for name in entry.get("operators", []):
-                kind = kinds.get(name, "python")
+        for data in entries.values():
+            entry = WorkerEntry.read(data)
+            if entry is None:
+                continue
+            for name in entry.operators:
+                kind = entry.kinds.get(name, "python")
                 if kind == "frontend" or name in self.exclude:
                     continue
                 info = out.setdefault(name, ModelInfo(name, kind))
                 info.kind = kind
-                stats = (per_op.get(name) or {}).get("stats") or {}
+                stats = entry.stats_of(name)
                 if stats.get("model_metadata") and not info.metadata:
                     info.metadata = dict(stats["model_metadata"])
                 if stats.get("model_config") and not info.config:
                     info.config = dict(stats["model_config"])
-                info.ready = info.ready or entry.get("state") == "ready"
+                info.ready = info.ready or entry.state == "ready"
         self.known.update(n for n in out)  # once seen, a model gone missing answers 503, not 404
         return out
 

@@ -1,6 +1,6 @@
 """`kind: trtllm` — a TensorRT-LLM engine (its LLM API) served as a tdist operator.
 
-Same engine interface as the vLLM operator (tdist.operators.llm_common), so the router,
+Same engine interface as the vLLM operator (tdist.operators.llm.llm_common), so the router,
 frontend and `tdist infer --prompt` work unchanged. Written against TensorRT-LLM's LLM API:
 
     from tensorrt_llm import LLM, SamplingParams
@@ -27,7 +27,8 @@ import time
 from typing import Any, AsyncIterator
 
 from tdist.errors import BadRequest, OperatorLoadError
-from tdist.operators.llm_common import Chunk, LLMEngine, LLMEngineOperator, LLMPrompt, SamplingOptions, render_chat
+from tdist.operators.llm.convention import LLMPrompt, SamplingOptions, render_chat
+from tdist.operators.llm.llm_common import Chunk, LLMEngine, LLMEngineOperator
 
 TRTLLM_HINT = (
     "pip install tensorrt_llm (NVIDIA's wheel, Linux x86_64/aarch64 with a CUDA GPU; or run in the "

@@ -10,10 +10,10 @@ picks one by policy and sends a *directed* request (`instance=`):
   the same worker while it is alive and healthy (rendezvous hashing, so a second router picks
   the same one), which is where the engine's prefix cache already holds that prefix;
 * `kv` — KV-aware: the worker that already holds the most leading prompt blocks, unless it is
-  far busier than the rest (tdist/operators/kv_routing.py).
+  far busier than the rest (tdist/operators/routing/kv_routing.py).
 
 With two targets `[context, generation]` the router serves disaggregated: prefill on a context
-worker (chosen by the policy), decode on a generation worker (tdist/operators/disagg.py).
+worker (chosen by the policy), decode on a generation worker (tdist/operators/routing/disagg.py).
 
 A worker that fails before it sent anything (gone, no responders, lost) is put in a cool-down
 (`failure_cooldown_s`) and the request is retried on another (`retries`); once tokens have
@@ -26,192 +26,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol
+from typing import Any
 
 from tdist.errors import NoWorkerError, OperatorLoadError, RequestError, RequestTimeout, WorkerLost
-from tdist.operators.disagg import DisaggFlow, router_metric_families
-from tdist.operators.kv_routing import DEFAULT_BLOCK_SIZE, KvAware, PromptTokenizer, block_hashes, estimate_tokens, text_block_hashes
-from tdist.operators.llm_common import parse_prompt, register_collector
+from tdist.operators.llm.convention import parse_prompt
+from tdist.operators.llm.llm_common import register_collector
+from tdist.operators.routing.disagg import DisaggFlow
+from tdist.operators.routing.kv_routing import DEFAULT_BLOCK_SIZE, KvAware, PromptTokenizer, block_hashes, estimate_tokens, text_block_hashes
+from tdist.operators.routing.policies import Candidate, Health, RouteKey, make_policy
 from tdist.runtime.operator import Operator, OperatorContext, Request, current_client
-
-# ---------------------------------------------------------------------------------------------
-# instances as the router sees them
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One live instance of the target operator."""
-
-    name: str
-    reported_inflight: int = 0  # from its discovery entry (lags by a heartbeat)
-    local_inflight: int = 0  # requests this router has outstanding there now
-    role: str = "both"
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def load(self) -> int:
-        return max(self.reported_inflight, self.local_inflight)
-
-
-def inflight_of(entry: dict[str, Any], operator: str) -> int:
-    """Requests in flight (running + queued) for `operator` on a worker, from its discovery entry.
-
-    The worker publishes `per_operator: {op: {inflight, queued, ...}}`; a flat `inflight`
-    (int, or {op: int}) is accepted too.
-    """
-    per = entry.get("per_operator")
-    if isinstance(per, dict) and isinstance(per.get(operator), dict):
-        st = per[operator]
-        return int(st.get("inflight", 0) or 0) + int(st.get("queued", 0) or 0)
-    v = entry.get("inflight")
-    if isinstance(v, dict):
-        v = v.get(operator, 0)
-    if isinstance(v, (int, float)):
-        return int(v)
-    return 0
-
-
-def operator_stats(entry: dict[str, Any], operator: str) -> dict[str, Any]:
-    """The operator's own stats() block inside a discovery entry (empty if not published)."""
-    per = entry.get("per_operator")
-    if isinstance(per, dict) and isinstance(per.get(operator), dict):
-        st = per[operator].get("stats")
-        if isinstance(st, dict):
-            return st
-    return {}
-
-
-def role_of(entry: dict[str, Any], operator: str) -> str:
-    roles = entry.get("roles")
-    role = roles.get(operator) if isinstance(roles, dict) else None
-    role = role or operator_stats(entry, operator).get("role")
-    return str(role or "both")
-
-
-# ---------------------------------------------------------------------------------------------
-# policies (pure)
-
-
-@dataclass(frozen=True)
-class RouteKey:
-    """What a policy may look at: the routing text (prompt / flattened messages), its length in
-    tokens and its prefix-block hashes (filled when the policy or disaggregation needs them)."""
-
-    text: str = ""
-    tokens: int = 0
-    blocks: tuple[int, ...] = ()
-
-
-class Policy(Protocol):
-    name: str
-
-    def select(self, key: RouteKey, candidates: list[Candidate]) -> Candidate:
-        """Pick one of a non-empty list of healthy candidates."""
-
-
-class RoundRobin:
-    name = "round_robin"
-
-    def __init__(self) -> None:
-        self._counter = itertools.count()
-
-    def select(self, key: RouteKey, candidates: list[Candidate]) -> Candidate:
-        ordered = sorted(candidates, key=lambda c: c.name)
-        return ordered[next(self._counter) % len(ordered)]
-
-
-class LeastLoaded:
-    name = "least_loaded"
-
-    def __init__(self) -> None:
-        self._tiebreak = itertools.count()
-
-    def select(self, key: RouteKey, candidates: list[Candidate]) -> Candidate:
-        low = min(c.load for c in candidates)
-        tied = sorted((c for c in candidates if c.load == low), key=lambda c: c.name)
-        return tied[next(self._tiebreak) % len(tied)]  # rotate among equals, not always the first
-
-
-def _score(key: str, name: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{key}\x00{name}".encode(), digest_size=8).digest(), "big")
-
-
-class PrefixAffinity:
-    """Same prefix → same instance while it is a candidate; new prefixes by rendezvous hashing."""
-
-    name = "prefix"
-
-    def __init__(self, prefix_chars: int = 64, table_size: int = 10000) -> None:
-        if prefix_chars < 1:
-            raise ValueError("prefix_chars must be ≥ 1")
-        self.prefix_chars = prefix_chars
-        self.table_size = table_size
-        self._sticky: OrderedDict[str, str] = OrderedDict()
-
-    def prefix(self, key: RouteKey) -> str:
-        return key.text[: self.prefix_chars]
-
-    def select(self, key: RouteKey, candidates: list[Candidate]) -> Candidate:
-        p = self.prefix(key)
-        by_name = {c.name: c for c in candidates}
-        held = self._sticky.get(p)
-        if held in by_name:
-            self._sticky.move_to_end(p)
-            return by_name[held]
-        chosen = max(candidates, key=lambda c: _score(p, c.name))
-        self._sticky[p] = chosen.name
-        self._sticky.move_to_end(p)
-        while len(self._sticky) > self.table_size:
-            self._sticky.popitem(last=False)
-        return chosen
-
-
-POLICIES = ("round_robin", "least_loaded", "prefix", "kv")
-
-
-def make_policy(name: str, parameters: dict[str, Any] | None = None) -> Policy:
-    parameters = parameters or {}
-    if name == "round_robin":
-        return RoundRobin()
-    if name == "least_loaded":
-        return LeastLoaded()
-    if name == "prefix":
-        return PrefixAffinity(prefix_chars=int(parameters.get("prefix_chars", 64)))
-    if name == "kv":
-        return KvAware(load_weight=float(parameters.get("load_weight", 1.0)),
-                       max_load_gap=int(parameters.get("max_load_gap", 4)),
-                       index_blocks=int(parameters.get("kv_index_blocks", 20000)))
-    raise OperatorLoadError(f"router policy {name!r} unknown; use one of {', '.join(POLICIES)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# health
-
-
-class Health:
-    """Instances that failed recently are skipped until their cool-down ends."""
-
-    def __init__(self, cooldown_s: float = 5.0) -> None:
-        self.cooldown_s = cooldown_s
-        self._until: dict[str, float] = {}
-        self.failures: dict[str, int] = {}
-
-    def fail(self, name: str) -> None:
-        self._until[name] = time.monotonic() + self.cooldown_s
-        self.failures[name] = self.failures.get(name, 0) + 1
-
-    def ok(self, name: str) -> None:
-        self._until.pop(name, None)
-
-    def healthy(self, names: Iterable[str]) -> list[str]:
-        now = time.monotonic()
-        return [n for n in names if self._until.get(n, 0.0) <= now]
-
+from tdist.runtime.planes.discovery_entry import WorkerEntry
 
 #: Errors that mean "this instance could not serve it" (retry elsewhere if nothing streamed yet).
 RETRYABLE = (NoWorkerError, WorkerLost)
@@ -285,22 +111,22 @@ class RouterOperator(Operator):
     async def candidates(self, exclude: set[str] = frozenset(), target: str | None = None) -> list[Candidate]:  # type: ignore[assignment]
         """Live, healthy instances of the target (minus `exclude`)."""
         target = target or self.target
-        entries: dict[str, dict[str, Any]] = await self._client().instances(target, max_age_s=self.discovery_max_age_s)
+        entries: dict[str, WorkerEntry] = await self._client().instances(target, max_age_s=self.discovery_max_age_s)
         out = []
         for name in self.health.healthy(entries):
             if name in exclude:
                 continue
-            entry = entries[name]
-            role = role_of(entry, target)
+            entry = WorkerEntry.read(entries[name]) or WorkerEntry()
+            role = entry.role_of(target)
             if self.role_filter and role not in (self.role_filter, "both"):
                 continue
             out.append(
                 Candidate(
                     name=name,
-                    reported_inflight=inflight_of(entry, target),
+                    reported_inflight=entry.inflight_of(target),
                     local_inflight=self._local.get(name, 0),
                     role=role,
-                    stats=operator_stats(entry, target),
+                    stats=entry.stats_of(target),
                 )
             )
         if not out and not exclude and entries:
@@ -435,6 +261,30 @@ class RouterOperator(Operator):
         }
 
     forward = _forward
+
+
+def router_metric_families(stats: dict[str, Any], worker: str, operator: str) -> list[Any]:
+    """Prometheus families of a router's stats(): requests per instance, disaggregation decisions."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    out: list[Any] = []
+    routed = CounterMetricFamily("tdist_router_routed", "Requests sent to each instance", labels=["worker", "operator", "instance"])
+    for inst, n in sorted((stats.get("routed") or {}).items()):
+        routed.add_metric([worker, operator, inst], float(n))
+    out.append(routed)
+    dis = stats.get("disagg")
+    if isinstance(dis, dict):
+        fam = CounterMetricFamily("tdist_router_disagg_requests", "Disaggregated routing decisions (remote_prefill or why local)",
+                                  labels=["worker", "operator", "decision"])
+        for d, n in sorted(dis.get("decisions", {}).items()):
+            fam.add_metric([worker, operator, d], float(n))
+        out.append(fam)
+    if "kv_expected_hit_rate" in stats:
+        g = GaugeMetricFamily("tdist_router_kv_expected_hit_rate", "Share of prompt blocks routed to an instance expected to hold them",
+                              labels=["worker", "operator"])
+        g.add_metric([worker, operator], float(stats["kv_expected_hit_rate"]))
+        out.append(g)
+    return out
 
 
 async def wait_for_instances(client: Any, operator: str, count: int, timeout_s: float = 60.0) -> list[str]:

@@ -9,7 +9,7 @@ imports this module in the EngineCore and in every model worker):
    a prefill has already made oneDNN ask, but a generation engine's first step is a one-token
    decode over pulled KV, and its model worker died with SIGILL (exit code -4) on its first
    disaggregated request. Asking at import costs nothing and is a no-op without AMX.
-2. **NIXL's progress thread** by role (`TDIST_NIXL_PROGRESS`, from tdist.operators.disagg.nixl_env):
+2. **NIXL's progress thread** by role (`TDIST_NIXL_PROGRESS`, from tdist.operators.llm.kv_transfer.nixl_env):
    a context engine keeps vLLM's busy thread (`busy`): a READ completes only when the *remote*
    agent makes progress calls (two processes, the passive side making none: the bytes arrive,
    the transfer stays in PROC), and an idle context engine makes none of its own. A generation
@@ -29,10 +29,10 @@ import os
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import NixlConnector as _VllmNixlConnector
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker as _base_worker
 
-from tdist.operators.cpu_features import request_amx_permission
+from tdist.operators.llm.cpu_features import request_amx_permission
 
 request_amx_permission()
-# TDIST_NIXL_PROGRESS comes from tdist.operators.disagg.nixl_env (validated there): busy | off
+# TDIST_NIXL_PROGRESS comes from tdist.operators.llm.kv_transfer.nixl_env (validated there): busy | off
 _config = getattr(_base_worker, "nixl_agent_config", None)  # None where NIXL is not installed
 if os.environ.get("TDIST_NIXL_PROGRESS") == "off" and _config is not None and not isinstance(_config, functools.partial):
     _base_worker.nixl_agent_config = functools.partial(_config, enable_prog_thread=False)

