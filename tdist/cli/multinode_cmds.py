@@ -32,16 +32,9 @@ def plan_path_of(plan: Any) -> str:
 
 def render_command(plan: Any, *, nats_url: Optional[str] = None) -> str:
     """The exact launch command (text) for the plan's launcher — what --dry-run prints."""
-    from tdist.plan import emit_mpirun, emit_sbatch, emit_srun
+    from tdist.plan import emit_script
 
-    path = plan_path_of(plan)
-    if plan.launcher == "mpirun":
-        return shlex.join(emit_mpirun(plan, path)) + "\n"
-    if plan.launcher == "srun":
-        return shlex.join(emit_srun(plan, path)) + "\n"
-    if plan.launcher == "sbatch":
-        return emit_sbatch(plan, path, nats_url=nats_url)
-    raise LaunchError(f"launcher {plan.launcher!r} is not a world launcher")
+    return emit_script(plan, plan_path_of(plan), nats_url=nats_url)
 
 
 def _prepare_run_dir(plan: Any, *, launch: dict[str, Any]) -> Path:

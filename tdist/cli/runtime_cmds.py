@@ -69,9 +69,9 @@ def deploy(
         return
     url = nats_url or _plan_nats_url(plan)
     if dry_run:
-        for w in plan.workers:
-            out.print(f"{w.name}: {sys.executable} -m tdist.runtime.worker --config <run-dir>/workers/{w.name}.json")
-        out.print(f"request plane: {url or 'embedded nats-server (started by tdist)'}")
+        from tdist.plan import emit_script
+
+        print(emit_script(plan, os.path.join(plan.run_dir, "plan.json")), end="")  # exactly `tdist plan --format script`
         return
     run_dir, previous = prepare_run_dir(plan.deployment)
     if previous is not None:

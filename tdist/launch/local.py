@@ -10,6 +10,7 @@ workers in reverse start order (callers before callees), then NATS.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from typing import Any, Callable
 from tdist.errors import LaunchError
 from tdist.launch.nats import NatsServer, start_nats
 from tdist.launch.rundir import RunState, WorkerRecord, kill_group, pid_alive
+from tdist.plan.emit import worker_command
 from tdist.runtime.config import WorkerConfig
 
 log = logging.getLogger("tdist.launch")
@@ -65,15 +67,26 @@ class LocalSupervisor:
     max_backoff_s: float = 30.0
     graph: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: The plan file every worker reads its config from (`--plan PATH --rank N`, the one command
+    #: form `tdist plan` prints). None: the workers were given without a plan (tests); their
+    #: configs are written to `<run dir>/workers.json` and started the same way.
+    plan_path: str | None = None
+    #: argv[0] of a worker, as the plan says it (`python`: this interpreter's bin dir is put first on PATH).
+    python: str = "python"
     state: RunState = field(init=False)
     nats: NatsServer | None = field(init=False, default=None)
     etcd: Any = field(init=False, default=None)  # embedded etcd (discovery: etcd, endpoints: embedded)
     _procs: list[_Proc] = field(init=False, default_factory=list)
+    _ranks: dict[str, int] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
-        for sub in ("logs", "workers"):
-            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if self.plan_path is None:
+            path = self.run_dir / "workers.json"
+            path.write_text(json.dumps({"workers": [json.loads(w.to_json()) for w in self.workers]}))
+            self.plan_path = str(path)
+        self._ranks = {w.name: i for i, w in enumerate(self.workers)}
         components: list[str] = []
         operators: dict[str, list[str]] = {}
         for w in self.workers:
@@ -155,9 +168,11 @@ class LocalSupervisor:
 
     def _spawn(self, proc: _Proc) -> None:
         cfg = proc.config
-        cfg_path = self.run_dir / "workers" / f"{cfg.name}.json"
-        cfg_path.write_text(cfg.to_json())
         env = dict(os.environ)
+        # argv[0] is the plan's `python`: this interpreter's directory first, so it is this venv's
+        bindir = os.path.dirname(sys.executable)
+        if env.get("PATH", "").split(os.pathsep)[0] != bindir:
+            env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
         env.update(self.extra_env)
         env.update(cfg.env)
         if "PYTHONPATH" in cfg.env and os.environ.get("PYTHONPATH"):
@@ -173,7 +188,7 @@ class LocalSupervisor:
             proc.log_fh = open(log_path, "ab", buffering=0)
         proc.log_fh.write(f"==== tdist: starting {cfg.name} at {time.strftime('%H:%M:%S')} ====\n".encode())
         proc.process = subprocess.Popen(
-            [sys.executable, "-m", "tdist.runtime.worker", "--config", str(cfg_path)],
+            worker_command(self.python, str(self.plan_path), self._ranks[cfg.name]),
             stdin=subprocess.DEVNULL,
             stdout=proc.log_fh,
             stderr=subprocess.STDOUT,

@@ -1,7 +1,7 @@
 """Run directories: where a deployment records what `status`, `infer` and `stop` need.
 
 `$TDIST_HOME/runs/<deployment>/` (TDIST_HOME defaults to ~/.tdist) holds state.json (NATS URL,
-pids, state, log dir), plan.json, workers/<name>.json and logs/. The supervisor is its only
+pids, state, log dir), plan.json (every worker runs `--plan plan.json --rank N`) and logs/. The supervisor is its only
 writer; writes are atomic (temp file + rename) so readers never see half a file.
 
 A run directory is always a direct child of `runs/`: the deployment name passes the name rule

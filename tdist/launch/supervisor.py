@@ -33,6 +33,8 @@ def supervisor_from_run_dir(run_dir: Path) -> LocalSupervisor:
         restart=bool(opts.get("restart", True)),
         graph=opts.get("graph"),
         extra_env=dict(opts.get("env", {})),
+        plan_path=str(run_dir / "plan.json"),
+        python=plan.get("python", "python"),
     )
 
 

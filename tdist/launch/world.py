@@ -40,7 +40,6 @@ log = logging.getLogger("tdist.launch.world")
 class WorldSupervisor(LocalSupervisor):
     plan: Any = None
     launcher: str = "mpirun"
-    plan_path: str = ""
     world: subprocess.Popen | None = field(init=False, default=None)
     etcd: Any = field(init=False, default=None)
     demux: RankLogDemux | None = field(init=False, default=None)
@@ -54,8 +53,8 @@ class WorldSupervisor(LocalSupervisor):
         from tdist.plan.emit import emit_mpirun, emit_srun
 
         if self.launcher == "mpirun":
-            return emit_mpirun(self.plan, self.plan_path)
-        return emit_srun(self.plan, self.plan_path)
+            return emit_mpirun(self.plan, str(self.plan_path))
+        return emit_srun(self.plan, str(self.plan_path))
 
     async def _start_processes(self, progress: Any = None) -> None:
         """NATS/etcd bound for the world's nodes, the world (one mpirun/srun), service workers beside it."""
@@ -252,6 +251,7 @@ def make_world_supervisor(run_dir: str | os.PathLike[str]) -> Any:
         plan=plan,
         launcher=opts.get("launcher", plan.launcher),
         plan_path=str(run / "plan.json"),
+        python=plan.python,
     )
 
 

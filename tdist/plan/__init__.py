@@ -1,7 +1,7 @@
 """Planning: a validated graph → `Plan` (WorkerConfigs in rank order) → launch commands. Pure."""
 
 from tdist.plan.build import build_plan
-from tdist.plan.emit import emit_local, emit_mpirun, emit_sbatch, emit_srun, worker_argv
+from tdist.plan.emit import emit_local, emit_mpirun, emit_sbatch, emit_script, emit_srun, worker_argv
 from tdist.plan.model import LAUNCHERS, MpirunPlan, Plan, SrunPlan
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "emit_local",
     "emit_mpirun",
     "emit_sbatch",
+    "emit_script",
     "emit_srun",
     "worker_argv",
 ]

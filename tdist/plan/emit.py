@@ -19,10 +19,19 @@ from tdist.plan.model import Plan
 WORKER_MODULE = "tdist.runtime.worker"
 
 
-def worker_argv(plan: Plan, plan_path: str, *, rank: int | None = None, python: str | None = None) -> list[str]:
-    """The command one worker runs; `rank` pins it (service workers, local launches)."""
-    argv = [python or plan.python, "-m", WORKER_MODULE, "--plan", plan_path]
+def worker_command(python: str, plan_path: str, rank: int | None = None) -> list[str]:
+    """The one command form of a worker: `python -m tdist.runtime.worker --plan PLAN [--rank N]`.
+
+    Every launcher starts exactly this (a world's ranks without `--rank`: they take it from
+    OMPI_COMM_WORLD_RANK / SLURM_PROCID), so what `tdist plan` prints is what runs.
+    """
+    argv = [python, "-m", WORKER_MODULE, "--plan", plan_path]
     return argv + ["--rank", str(rank)] if rank is not None else argv
+
+
+def worker_argv(plan: Plan, plan_path: str, *, rank: int | None = None, python: str | None = None) -> list[str]:
+    """The command one worker of `plan` runs; `rank` pins it (service workers, local launches)."""
+    return worker_command(python or plan.python, plan_path, rank)
 
 
 def forwarded_env_names(plan: Plan, extra: list[str]) -> list[str]:
@@ -188,3 +197,23 @@ def emit_sbatch(plan: Plan, plan_path: str, *, python: str | None = None, nats_u
     lines += ["", f"# The world: {plan.world_size} ranks; each takes workers[SLURM_PROCID] from the plan.",
               " ".join('"$PLAN"' if a == "$PLAN" else q(a) for a in srun_line), ""]
     return "\n".join(lines)
+
+
+def emit_script(plan: Plan, plan_path: str, *, nats_url: str | None = None) -> str:
+    """The text `tdist plan --format script` prints and `tdist deploy --dry-run` prints: what deploy runs.
+
+    local: one line per worker, exactly the argv the local launcher starts (with its log);
+    mpirun / srun: the one world command; sbatch: the complete batch script. One function, so
+    the two commands cannot drift apart.
+    """
+    if plan.launcher == "local":
+        lines = ["#!/bin/bash", "# What `tdist deploy` starts (it also supervises, restarts and tears down)."]
+        for w, argv in zip(plan.workers, emit_local(plan, plan_path)):
+            log = w.log_path or os.devnull
+            lines.append(f"{shlex.join(argv)} > {shlex.quote(log)} 2>&1 &  # {w.name}")
+        return "\n".join(lines) + "\n"
+    if plan.launcher == "mpirun":
+        return shlex.join(emit_mpirun(plan, plan_path)) + "\n"
+    if plan.launcher == "srun":
+        return shlex.join(emit_srun(plan, plan_path)) + "\n"
+    return emit_sbatch(plan, plan_path, nats_url=nats_url)
