@@ -1,7 +1,8 @@
 """`tdist deploy --launcher mpirun|srun|sbatch` and `tdist stop` of such a deployment.
 
-Called by tdist/cli/runtime_cmds.py (`deploy_world`, `stop_world`); the work is in
-tdist/launch/world.py (world supervisor; `python -m tdist.launch.mpirun` runs it) and tdist/launch/slurm.py (sbatch, squeue, scancel).
+Called by tdist/cli/runtime_cmds.py (`deploy_world`, `stop_world`), never calling back into it
+(what both show is in cli/deploy_view.py); the work is in
+tdist/launch/world.py (world supervisor; `python -m tdist.launch.world` runs it) and tdist/launch/slurm.py (sbatch, squeue, scancel).
 `--dry-run` prints exactly what `tdist plan GRAPH --launcher L --format script` prints for the
 same run directory: the mpirun/srun argv, or the complete sbatch script.
 """
@@ -85,14 +86,14 @@ def deploy_world(
 
 
 def _deploy_world_detached(plan: Any, run_dir: Path, startup_timeout_s: float) -> None:
-    from tdist.cli.runtime_cmds import start_detached
+    from tdist.cli.deploy_view import start_detached
 
-    start_detached(run_dir, plan, "tdist.launch.mpirun", startup_timeout_s,
+    start_detached(run_dir, plan, "tdist.launch.world", startup_timeout_s,
                    label=f"{plan.deployment} ({plan.launcher}, {plan.world_size} ranks)")
 
 
 def _deploy_world_foreground(plan: Any, run_dir: Path) -> None:
-    from tdist.cli.runtime_cmds import run_foreground
+    from tdist.cli.deploy_view import run_foreground
     from tdist.launch.world import make_world_supervisor
 
     sup = make_world_supervisor(run_dir)
@@ -102,7 +103,7 @@ def _deploy_world_foreground(plan: Any, run_dir: Path) -> None:
 
 
 def _print_world(state: Any) -> None:
-    from tdist.cli.runtime_cmds import print_deployed
+    from tdist.cli.deploy_view import print_deployed
 
     print_deployed(state)
 

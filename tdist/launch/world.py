@@ -1,7 +1,7 @@
 """The supervisor of a world deployment: the plan's world as ONE mpirun/srun process, beside NATS.
 
 The counterpart of `tdist.launch.supervisor` for local ones, run by `python -m
-tdist.launch.mpirun --run-dir DIR` (see launch/mpirun.py): same run directory (plan.json,
+tdist.launch.world --run-dir DIR`: same run directory (plan.json,
 launch.json in; state.json, logs/ out), same life cycle. It starts the embedded nats-server (and
 etcd for `discovery: etcd` with embedded endpoints), the service workers (routers, frontends) as
 local processes beside them, and the world as one process whose argv is exactly
@@ -262,3 +262,21 @@ def _worker_drain_signals() -> tuple[int, ...]:
         return tuple(getattr(worker, "DRAIN_SIGNALS", (signal.SIGTERM, signal.SIGINT)))
     except Exception:  # noqa: BLE001
         return (signal.SIGTERM, signal.SIGINT)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from tdist.launch.supervisor import run_supervisor
+
+    ap = argparse.ArgumentParser(prog="python -m tdist.launch.world",
+                                 description="Supervise a world deployment (mpirun or srun) from its run directory.")
+    ap.add_argument("--run-dir", required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    return asyncio.run(run_supervisor(make_world_supervisor(args.run_dir)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
