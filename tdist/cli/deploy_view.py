@@ -1,103 +1,76 @@
-"""What `deploy` shows while a deployment starts and once it is ready, for every launcher.
+"""How `deploy` and `stop` look: the launcher's events rendered with rich, and the ready table.
 
-Shared by cli/runtime_cmds.py (local) and cli/multinode_cmds.py (mpirun, srun, sbatch), which
-both import this module and not each other.
+The launchers (tdist/launch) do the work and report through `LaunchEvents`; this module only
+renders: a spinner with progress on stderr, the table of workers once the deployment is ready,
+one line per note on stdout.
 """
 
 from __future__ import annotations
 
-import asyncio
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.status import Status
 from rich.table import Table
 
-from tdist.errors import LaunchError
-
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+from tdist.launch.base import LaunchEvents
 
 
-def start_detached(run_dir: Path, plan: Any, module: str, startup_timeout_s: float, *, label: str) -> None:
-    """Run `python -m MODULE --run-dir RUN_DIR` as a detached supervisor; return once it reports ready.
+class CliEvents(LaunchEvents):
+    """LaunchEvents for a terminal: phases and progress as a spinner, results as text and tables."""
 
-    Progress comes from the supervisor's state.json; a supervisor that dies or reports `failed`
-    becomes a LaunchError with its log tail.
-    """
-    from tdist.launch.rundir import RunState
+    def __init__(self, out: Console, err: Console) -> None:
+        self.out = out
+        self.err = err
+        self._status: Status | None = None
+        self._phase = ""
 
-    sup_log = run_dir / "logs" / "supervisor.log"
-    with open(sup_log, "ab") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--run-dir", str(run_dir)],
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    total = len(plan.workers)
-    deadline = time.monotonic() + startup_timeout_s + 30
-    with err.status(f"starting {label}: 0/{total} workers ready") as status:
-        while True:
-            state = None
-            try:
-                state = RunState.load(run_dir / "state.json")
-            except (OSError, ValueError, TypeError):
-                pass
-            if state is not None and state.state == "ready":
-                break
-            if state is not None and state.state == "failed":
-                raise LaunchError(f"deployment {plan.deployment} failed to start: {state.error}")
-            if proc.poll() is not None:
-                raise LaunchError(
-                    f"supervisor exited with code {proc.returncode}" + (f": {state.error}" if state and state.error else ""),
-                    log_tail="\n".join(sup_log.read_text(errors="replace").splitlines()[-15:]), log_path=str(sup_log),
-                )
-            if time.monotonic() > deadline:
-                proc.terminate()
-                raise LaunchError(f"deployment {plan.deployment} not ready in time", log_path=str(run_dir / "logs"))
-            if state is not None:
-                running = sum(1 for w in state.workers.values() if w.state == "running")
-                status.update(f"starting {label}: {running}/{total} workers started, waiting for ready")
-            time.sleep(0.1)
-    print_deployed(RunState.load(run_dir / "state.json"))
-    out.print(f"detached (supervisor pid {proc.pid}); run dir {run_dir}\n  tdist status · tdist infer --component NAME ... · tdist stop")
+    def _end_status(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
 
+    def note(self, text: str) -> None:
+        self.out.print(text) if text.startswith("submitted") else self.err.print(f"[dim]{text}[/]")
 
-def run_foreground(sup: Any, deployment: str, *, starting: str, stopping: str = "stopping: draining workers") -> None:
-    """Start a supervisor (local or world) with progress, serve until Ctrl-C / SIGTERM, then tear down."""
+    def phase(self, text: str) -> None:
+        self._phase = text
+        if self._status is None:
+            self._status = self.err.status(text)
+            self._status.start()
+        else:
+            self._status.update(text)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        with err.status(starting) as status:
-            def progress(ready: int, total: int, waiting: str) -> None:
-                status.update(f"starting {deployment}: {ready}/{total} workers ready" + (f" (waiting: {waiting})" if waiting else ""))
+    def progress(self, ready: int, total: int, waiting: str) -> None:
+        if self._status is not None:
+            self._status.update(f"{self._phase}: {ready}/{total} workers ready" + (f" (waiting: {waiting})" if waiting else ""))
 
-            await sup.start(progress)
-        print_deployed(sup.state)
-        out.print("serving; Ctrl-C (or `tdist stop`) stops everything")
-        await sup.supervise(stop)
-        with err.status(stopping):
-            await sup.stop()
-        out.print(f"stopped {deployment}")
+    def ready(self, record: Any) -> None:
+        self._end_status()
+        print_deployed(self.out, record)
+        if record.options.detach or record.launcher == "sbatch":
+            how = f"supervisor pid {record.supervisor.pid}" if record.supervisor else f"job {record.slurm.job_id}"
+            self.out.print(f"detached ({how}); run dir {record.run_dir}\n"
+                           "  tdist status · tdist infer --component NAME ... · tdist stop")
+        else:
+            self.out.print("serving; Ctrl-C (or `tdist stop`) stops everything")
 
-    asyncio.run(main())
+    def done(self, text: str) -> None:
+        self._end_status()
+        self.out.print(text)
 
 
-def print_deployed(state: Any) -> None:
+def print_deployed(out: Console, record: Any) -> None:
     """The table `deploy` prints once every worker is ready (any launcher)."""
-    launcher = f" ({state.launcher})" if state.launcher != "local" else ""
-    t = Table(title=f"deployment {state.deployment} ready{launcher}", title_justify="left")
+    launcher = f" ({record.launcher})" if record.launcher != "local" else ""
+    t = Table(title=f"deployment {record.deployment} ready{launcher}", title_justify="left")
     for col in ("component", "worker", "pid", "log"):
         t.add_column(col)
-    for w in state.workers.values():
+    for w in record.workers.values():
         t.add_row(w.component, w.name, str(w.pid), w.log or "")
     out.print(t)
-    out.print(f"request plane: {state.nats_url}" + (" (embedded)" if state.nats_embedded else ""))
-    if state.job_id:
-        out.print(f"{'job' if state.launcher != 'mpirun' else 'mpirun pid'}: {state.job_id}")
+    out.print(f"request plane: {record.nats.url}" + (" (embedded)" if record.nats.embedded else ""))
+    if record.slurm.job_id:
+        out.print(f"job: {record.slurm.job_id}")
+    elif record.world is not None:
+        out.print(f"{record.launcher} pid: {record.world.pid}")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tdist.errors import LaunchError
-from tdist.launch.rundir import pid_alive
+from tdist.runtime.process_identity import process_alive
 
 log = logging.getLogger("tdist.launch.world")
 
@@ -54,23 +54,16 @@ def mpirun_base_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return out
 
 
-def tail(path: str | os.PathLike[str], lines: int = 20) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 def stop_pid(pid: int | None, *, timeout_s: float = 30.0, sig: int = signal.SIGTERM) -> bool:
     """Signal `pid`, wait, SIGKILL it (and its group) after timeout_s. True if it is gone."""
-    if not pid_alive(pid):
+    if not process_alive(pid, None):
         return True
     assert pid is not None
     _signal(pid, sig)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         _reap(pid)
-        if not pid_alive(pid):
+        if not process_alive(pid, None):
             return True
         time.sleep(0.05)
     for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
@@ -80,7 +73,7 @@ def stop_pid(pid: int | None, *, timeout_s: float = 30.0, sig: int = signal.SIGT
             pass
     for _ in range(100):
         _reap(pid)
-        if not pid_alive(pid):
+        if not process_alive(pid, None):
             return True
         time.sleep(0.05)
     return False

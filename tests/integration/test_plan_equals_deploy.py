@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tdist.launch.rundir import RunState
+from tdist.launch.rundir import RunRecord
 from tests.integration.test_mpirun_deploy import env  # noqa: F401 - TDIST_HOME in tmp, no NATS_SERVER
 from tests.integration.test_mpirun_deploy import make_graph, tdist
 from tests.integration.test_slurm_deploy import make_graph as make_slurm_graph
@@ -66,7 +66,7 @@ def test_local_workers_run_what_plan_prints(env: dict[str, str], tmp_path: Path)
     dep = tdist(["deploy", str(graph), "--detach"], env)
     try:
         assert dep.returncode == 0, dep.stdout + dep.stderr
-        state = RunState.load(run_dir / "state.json")
+        state = RunRecord.load(run_dir / "state.json")
         live = {name: cmdline(rec.pid) for name, rec in state.workers.items()}
     finally:
         stop = tdist(["stop"], env, timeout=120)
@@ -83,8 +83,8 @@ def test_mpirun_and_its_ranks_run_what_plan_prints(env: dict[str, str], tmp_path
     dep = tdist(["deploy", str(graph), "--launcher", "mpirun", "--detach"], env)
     try:
         assert dep.returncode == 0, dep.stdout + dep.stderr
-        state = RunState.load(run_dir / "state.json")
-        world = cmdline(int(state.extra["world_pid"]))
+        state = RunRecord.load(run_dir / "state.json")
+        world = cmdline(state.world.pid)
         ranks = {name: cmdline(rec.pid) for name, rec in state.workers.items()}
     finally:
         stop = tdist(["stop"], env, timeout=120)
@@ -108,7 +108,7 @@ def test_sbatch_job_runs_what_plan_prints(slurm_env: dict[str, str], tmp_path: P
     dep = tdist(["deploy", str(graph), "--launcher", "sbatch"], e)
     try:
         assert dep.returncode == 0, dep.stdout + dep.stderr
-        state = RunState.load(run_dir / "state.json")
+        state = RunRecord.load(run_dir / "state.json")
         assert (run_dir / "job.sbatch").read_text() == script  # the job is plan's script, byte for byte
         ranks = {name: cmdline(rec.pid) for name, rec in state.workers.items()}
         rank_paths = {name: environ(rec.pid).get("PATH", "") for name, rec in state.workers.items()}
