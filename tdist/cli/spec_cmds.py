@@ -93,8 +93,8 @@ def _table(plan, plan_path: str) -> None:  # noqa: ANN001
     from tdist.plan import emit_mpirun, emit_srun
 
     out = _out()
-    rp = plan.request_plane if plan.request_plane != "embedded" else "embedded nats-server (started by the launcher)"
-    disc = plan.discovery if plan.discovery == "nats" else f"etcd {plan.etcd_endpoints}"
+    rp = "embedded nats-server (started by the launcher)" if plan.nats.embedded else plan.nats.url
+    disc = plan.discovery if plan.etcd is None else f"etcd {'embedded' if plan.etcd.embedded else plan.etcd.endpoints}"
     out.print(f"[bold]{escape(plan.deployment)}[/] · launcher {plan.launcher} · world {plan.world_size} rank(s) "
               f"on {plan.srun.nodes} node(s) · {len(plan.service_workers)} service worker(s)")
     out.print(f"request plane: {escape(rp)} · discovery: {escape(disc)} · data plane: {plan.data_plane.kind} "

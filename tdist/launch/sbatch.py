@@ -40,13 +40,14 @@ class SbatchLauncher(Launcher):
             events.phase(f"job {job_id}: waiting to run")
             nodes = slurm.wait_job_running(job_id, env=env, timeout_s=self.options.startup_timeout_s, log_path=output)
             record.slurm.nodes = nodes
-            record.nats.url = self.options.nats_url or plan.nats_url or slurm.head_node_url(nodes, "nats", plan.srun.nats_port)
-            record.nats.embedded = not (self.options.nats_url or plan.nats_url)
-            if plan.discovery == "etcd":
-                if plan.etcd_endpoints == "embedded":
+            given = self.options.nats_url or plan.nats.url  # else the batch script's nats-server
+            record.nats.url = given or slurm.head_node_url(nodes, "nats", plan.srun.nats_port)
+            record.nats.embedded = given is None
+            if plan.etcd is not None:
+                if plan.etcd.embedded:  # the batch script's etcd on the batch host
                     record.etcd.endpoints = [slurm.head_node_url(nodes, "http", plan.srun.etcd_port)]
                 else:
-                    record.etcd.endpoints = list(plan.etcd_endpoints or []) or [
+                    record.etcd.endpoints = list(plan.etcd.endpoints) or [
                         e for e in os.environ.get("ETCD_ENDPOINTS", "").split(",") if e]
             record.save()
 

@@ -29,7 +29,7 @@ def make_supervisor(record: RunRecord) -> LocalSupervisor:
     opts = record.options
     kw: dict[str, Any] = dict(
         deployment=record.deployment, workers=list(plan.workers), run_dir=Path(record.run_dir),
-        nats_url=opts.nats_url or plan.nats_url, startup_timeout_s=opts.startup_timeout_s, restart=opts.restart,
+        nats_url=opts.nats_url or plan.nats.url, startup_timeout_s=opts.startup_timeout_s, restart=opts.restart,
         graph=record.graph, plan_path=record.plan_path, python=plan.python, record=record,
     )
     if record.launcher == "local":

@@ -37,9 +37,9 @@ def worker_argv(plan: Plan, plan_path: str, *, rank: int | None = None, python: 
 def forwarded_env_names(plan: Plan, extra: list[str]) -> list[str]:
     """Variables the ranks inherit from the launching environment."""
     names: list[str] = []
-    if plan.request_plane == "embedded":
+    if plan.nats.embedded:
         names.append("NATS_SERVER")
-    if plan.discovery == "etcd" and plan.etcd_endpoints == "embedded":
+    if plan.etcd_embedded:
         names.append("ETCD_ENDPOINTS")
     return list(dict.fromkeys(names + list(extra)))
 
@@ -164,9 +164,9 @@ def emit_sbatch(plan: Plan, plan_path: str, *, python: str | None = None, nats_u
               "PIDS=()",
               'cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; }',
               "trap cleanup EXIT", "", _WAIT_PORT]
-    if plan.request_plane == "embedded" and nats_url:
+    if plan.nats.embedded and nats_url:
         lines += ["", f"export NATS_SERVER={q(nats_url)}"]
-    elif plan.request_plane == "embedded":
+    elif plan.nats.embedded:
         store = q(os.path.join(plan.run_dir, "nats"))
         log = q(os.path.join(plan.log_dir, "nats-server.log"))
         lines += ["", "# Request plane: an embedded nats-server (JetStream) on the batch host.",
@@ -174,9 +174,9 @@ def emit_sbatch(plan: Plan, plan_path: str, *, python: str | None = None, nats_u
                   "PIDS+=($!)",
                   f'export NATS_SERVER="nats://${{HEAD_NODE}}:{s.nats_port}"',
                   f'wait_port "$HEAD_NODE" {s.nats_port} 30']
-    if plan.discovery == "etcd" and plan.etcd_endpoints == "embedded" and etcd_endpoints:
+    if plan.etcd_embedded and etcd_endpoints:
         lines += ["", f"export ETCD_ENDPOINTS={q(etcd_endpoints)}"]
-    elif plan.discovery == "etcd" and plan.etcd_endpoints == "embedded":
+    elif plan.etcd_embedded:
         data = q(os.path.join(plan.run_dir, "etcd"))
         log = q(os.path.join(plan.log_dir, "etcd.log"))
         p = s.etcd_port
