@@ -80,3 +80,17 @@ def test_a_recycled_pid_is_not_the_recorded_process() -> None:
         child.stdin.close()  # type: ignore[union-attr]
         child.wait(10)
     assert not rec.alive() and not process_alive(child.pid, rec.start)
+
+
+@pytest.mark.parametrize("launcher", ("local", "mpirun", "srun"))
+def test_the_supervisor_of_every_supervised_launcher_gets_no_restart(launcher: str, tmp_path: Path) -> None:
+    from tdist.launch.supervisor import make_supervisor
+
+    plan = _plan(launcher, tmp_path)
+    write_plan(plan)
+    for no_restart in (False, True):
+        rec = RunRecord.for_plan(plan, LaunchOptions.for_plan(plan, no_restart=no_restart, startup_timeout_s=9))
+        sup = make_supervisor(rec)
+        assert sup.restart is (not no_restart) and sup.startup_timeout_s == 9
+        assert sup.state is rec and sup.plan_path == str(tmp_path / "plan.json")
+        assert type(sup).__name__ == ("LocalSupervisor" if launcher == "local" else "WorldSupervisor")
