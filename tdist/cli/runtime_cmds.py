@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,11 +39,6 @@ def _plan_graph(graph: Path, launcher: str, name: Optional[str]) -> Any:
     return build_plan(spec, launcher=launcher, run_dir=str(run_dir_for(spec.name)))
 
 
-def _plan_nats_url(plan: Any) -> Optional[str]:
-    """The plan's NATS URL, or None when tdist must start an embedded nats-server."""
-    return None if plan.request_plane == "embedded" else plan.request_plane
-
-
 def deploy(
     graph: Path = typer.Argument(..., exists=True, dir_okay=False, help="Graph YAML to deploy."),
     detach: bool = typer.Option(False, "--detach", "-d", help="Run in the background; manage it with status/infer/stop."),
@@ -54,167 +46,46 @@ def deploy(
     name: Optional[str] = typer.Option(None, "--name", help="Deployment name (default: the graph's name)."),
     nats_url: Optional[str] = typer.Option(None, "--nats-url", envvar="NATS_SERVER", help="Use this NATS instead of the graph's request plane."),
     startup_timeout_s: Optional[float] = typer.Option(None, "--startup-timeout-s", help="Give up if workers are not ready by then (default: the graph's)."),
-    no_restart: bool = typer.Option(False, "--no-restart", help="Do not restart crashed workers."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run, start nothing."),
+    no_restart: bool = typer.Option(False, "--no-restart", help="Do not restart crashed workers (any launcher)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would run (exactly `tdist plan --format script`), start nothing."),
 ) -> None:
     """Deploy a graph: start NATS (embedded by default) and every worker, wait until all are ready."""
-    from tdist.launch.rundir import prepare_run_dir
+    from tdist.cli.deploy_view import CliEvents
+    from tdist.launch.launchers import launcher_for
+    from tdist.launch.rundir import LaunchOptions
 
     plan = _plan_graph(graph, launcher, name)
-    startup_timeout_s = startup_timeout_s if startup_timeout_s is not None else plan.startup_timeout_s
-    if launcher != "local":
-        from tdist.cli import multinode_cmds
-
-        multinode_cmds.deploy_world(plan, graph=graph, detach=detach, dry_run=dry_run, nats_url=nats_url, startup_timeout_s=startup_timeout_s)
-        return
-    url = nats_url or _plan_nats_url(plan)
+    options = LaunchOptions.for_plan(plan, detach=detach, nats_url=nats_url, startup_timeout_s=startup_timeout_s,
+                                     no_restart=no_restart)
+    chosen = launcher_for(plan, options)
     if dry_run:
-        for w in plan.workers:
-            out.print(f"{w.name}: {sys.executable} -m tdist.runtime.worker --config <run-dir>/workers/{w.name}.json")
-        out.print(f"request plane: {url or 'embedded nats-server (started by tdist)'}")
+        print(chosen.dry_run(), end="")
         return
-    run_dir, previous = prepare_run_dir(plan.deployment)
-    if previous is not None:
-        err.print(f"[dim]previous run of {plan.deployment} kept in {previous}[/]")
-    (run_dir / "plan.json").write_text(plan.model_dump_json(indent=2))
-    (run_dir / "launch.json").write_text(
-        json.dumps(
-            {
-                "deployment": plan.deployment,
-                "nats_url": url,
-                "startup_timeout_s": startup_timeout_s,
-                "restart": plan.restart_on_crash and not no_restart,
-                "graph": str(graph.resolve()),
-            }
-        )
-    )
-    if detach:
-        _deploy_detached(run_dir, plan, startup_timeout_s)
-    else:
-        _deploy_foreground(run_dir, plan)
-
-
-def _deploy_detached(run_dir: Path, plan: Any, startup_timeout_s: float) -> None:
-    start_detached(run_dir, plan, "tdist.launch.supervisor", startup_timeout_s, label=plan.deployment)
-
-
-def start_detached(run_dir: Path, plan: Any, module: str, startup_timeout_s: float, *, label: str) -> None:
-    """Run `python -m MODULE --run-dir RUN_DIR` as a detached supervisor; return once it reports ready.
-
-    Progress comes from the supervisor's state.json; a supervisor that dies or reports `failed`
-    becomes a LaunchError with its log tail.
-    """
-    from tdist.launch.rundir import RunState
-
-    sup_log = run_dir / "logs" / "supervisor.log"
-    with open(sup_log, "ab") as logf:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", module, "--run-dir", str(run_dir)],
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    total = len(plan.workers)
-    deadline = time.monotonic() + startup_timeout_s + 30
-    with err.status(f"starting {label}: 0/{total} workers ready") as status:
-        while True:
-            state = None
-            try:
-                state = RunState.load(run_dir / "state.json")
-            except (OSError, ValueError, TypeError):
-                pass
-            if state is not None and state.state == "ready":
-                break
-            if state is not None and state.state == "failed":
-                raise LaunchError(f"deployment {plan.deployment} failed to start: {state.error}")
-            if proc.poll() is not None:
-                raise LaunchError(
-                    f"supervisor exited with code {proc.returncode}" + (f": {state.error}" if state and state.error else ""),
-                    log_tail="\n".join(sup_log.read_text(errors="replace").splitlines()[-15:]), log_path=str(sup_log),
-                )
-            if time.monotonic() > deadline:
-                proc.terminate()
-                raise LaunchError(f"deployment {plan.deployment} not ready in time", log_path=str(run_dir / "logs"))
-            if state is not None:
-                running = sum(1 for w in state.workers.values() if w.state == "running")
-                status.update(f"starting {label}: {running}/{total} workers started, waiting for ready")
-            time.sleep(0.1)
-    print_deployed(RunState.load(run_dir / "state.json"))
-    out.print(f"detached (supervisor pid {proc.pid}); run dir {run_dir}\n  tdist status · tdist infer --component NAME ... · tdist stop")
-
-
-def _deploy_foreground(run_dir: Path, plan: Any) -> None:
-    from tdist.launch.supervisor import supervisor_from_run_dir
-
-    run_foreground(supervisor_from_run_dir(run_dir), plan.deployment, starting=f"starting {plan.deployment}")
-
-
-def run_foreground(sup: Any, deployment: str, *, starting: str, stopping: str = "stopping: draining workers") -> None:
-    """Start a supervisor (local or world) with progress, serve until Ctrl-C / SIGTERM, then tear down."""
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        with err.status(starting) as status:
-            def progress(ready: int, total: int, waiting: str) -> None:
-                status.update(f"starting {deployment}: {ready}/{total} workers ready" + (f" (waiting: {waiting})" if waiting else ""))
-
-            await sup.start(progress)
-        print_deployed(sup.state)
-        out.print("serving; Ctrl-C (or `tdist stop`) stops everything")
-        await sup.supervise(stop)
-        with err.status(stopping):
-            await sup.stop()
-        out.print(f"stopped {deployment}")
-
-    asyncio.run(main())
-
-
-def print_deployed(state: Any) -> None:
-    """The table `deploy` prints once every worker is ready (any launcher)."""
-    launcher = f" ({state.launcher})" if state.launcher != "local" else ""
-    t = Table(title=f"deployment {state.deployment} ready{launcher}", title_justify="left")
-    for col in ("component", "worker", "pid", "log"):
-        t.add_column(col)
-    for w in state.workers.values():
-        t.add_row(w.component, w.name, str(w.pid), w.log or "")
-    out.print(t)
-    out.print(f"request plane: {state.nats_url}" + (" (embedded)" if state.nats_embedded else ""))
-    if state.job_id:
-        out.print(f"{'job' if state.launcher != 'mpirun' else 'mpirun pid'}: {state.job_id}")
+    chosen.start(CliEvents(out, err), graph=str(graph.resolve()))
 
 
 # ---- connecting to a deployment ----------------------------------------------------------------
 
 
 async def _client_for(name: Optional[str], nats_url: Optional[str]) -> Any:
-    from tdist.launch.rundir import find_run
+    from tdist.launch.rundir import check_deployment_name, find_run, load_plan
     from tdist.runtime.config import DiscoveryConfig
     from tdist.runtime.planes.request import RequestClient
 
     if nats_url:
         if not name:
             raise BadRequest("with --nats-url, name the deployment with --name")
-        from tdist.launch.rundir import check_deployment_name
-
         check_deployment_name(name)  # it becomes NATS subjects and stream names
         return await RequestClient.connect(nats_url, name)
-    state = find_run(name)
-    if not state.nats_url:
-        raise LaunchError(f"deployment {state.deployment} has no NATS URL recorded yet (state: {state.state})")
-    disc = DiscoveryConfig(kind=state.discovery, etcd_endpoints=state.etcd_endpoints)  # type: ignore[arg-type]
-    return await RequestClient.connect(state.nats_url, state.deployment, discovery=disc, data_plane=_plan_data_plane(state))
-
-
-def _plan_data_plane(state: Any) -> Any:
-    """The deployment's data-plane settings (from its plan.json), so the CLI sends tensors as workers expect."""
-    from tdist.runtime.config import DataPlaneConfig
-
-    try:
-        plan = json.loads((Path(state.run_dir) / "plan.json").read_text())
-        return DataPlaneConfig.model_validate(plan["data_plane"])
-    except (OSError, ValueError, KeyError):
-        return DataPlaneConfig()
+    record = find_run(name)
+    if not record.nats.url:
+        raise LaunchError(f"deployment {record.deployment} has no NATS URL recorded yet (state: {record.state})")
+    disc = DiscoveryConfig(kind=record.discovery, etcd_endpoints=record.etcd.endpoints)  # type: ignore[arg-type]
+    try:  # the deployment's data-plane settings, so the CLI sends tensors as its workers expect
+        data_plane = load_plan(record).data_plane
+    except (OSError, ValueError):
+        data_plane = None
+    return await RequestClient.connect(record.nats.url, record.deployment, discovery=disc, data_plane=data_plane)
 
 
 # ---- infer ------------------------------------------------------------------------------------
@@ -358,7 +229,7 @@ def status(
     state = find_run(name)
     entries: dict[str, dict[str, Any]] = {}
     problem: str | None = None
-    if state.nats_url:
+    if state.nats.url:
         async def fetch() -> dict[str, dict[str, Any]]:
             client = await _client_for(state.deployment, None)
             try:
@@ -389,10 +260,10 @@ def status(
         })
     unhealthy = [c for c, v in components.items() if not any(w["state"] == "ready" for w in v["workers"])]
     if as_json:
-        print(json.dumps({"deployment": state.deployment, "state": state.state, "nats_url": state.nats_url,
+        print(json.dumps({"deployment": state.deployment, "state": state.state, "nats_url": state.nats.url,
                           "components": components, "unhealthy": unhealthy, "error": problem}, indent=2))
     else:
-        t = status_table(state.deployment, state.state, state.nats_url, components)
+        t = status_table(state.deployment, state.state, state.nats.url, components)
         out.print(t)
         if problem:
             err.print(f"[red]{problem}[/]")
@@ -462,19 +333,11 @@ def stop(
     timeout_s: float = typer.Option(60.0, "--timeout-s", help="Wait this long for a clean drain before killing."),
 ) -> None:
     """Stop a deployment: drain workers, stop NATS, leave no process behind."""
-    from tdist.launch.local import stop_run
+    from tdist.cli.deploy_view import CliEvents
+    from tdist.launch.launchers import open_launcher
     from tdist.launch.rundir import find_run
 
-    state = find_run(name)
-    if state.launcher != "local":
-        from tdist.cli import multinode_cmds
-
-        multinode_cmds.stop_world(state, timeout_s=timeout_s)
-        out.print(f"stopped {state.deployment}")
-        return
-    with err.status(f"stopping {state.deployment}"):
-        forced = stop_run(state, timeout_s=timeout_s)
-    out.print(f"stopped {state.deployment}" + (f" (killed: {', '.join(forced)})" if forced else ""))
+    open_launcher(find_run(name)).stop(timeout_s=timeout_s, events=CliEvents(out, err))
 
 
 def register(app: typer.Typer) -> None:

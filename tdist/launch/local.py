@@ -1,15 +1,19 @@
 """The local supervisor: one process per WorkerConfig on this machine, kept alive until stopped.
 
-Starts the embedded nats-server when the plan asks for it, writes each WorkerConfig to the run
-directory, starts every worker in its own process group with its log file, waits until each
-one is `ready` in discovery (under a timeout, failing fast with the log tail of a worker that
-died), restarts a crashed worker with exponential backoff, and tears everything down in order:
-workers in reverse start order (callers before callees), then NATS.
+Starts the embedded nats-server when the plan asks for it, starts every worker as
+`python -m tdist.runtime.worker --plan <run>/plan.json --rank N` (exactly what `tdist plan`
+prints) in its own process group with its log file, waits until each one is `ready` in
+discovery (under a timeout, failing fast with the log tail of a worker that died), restarts a
+crashed worker with exponential backoff (unless told not to: then it stays `failed` and the
+deployment `degraded`), and tears everything down in order: workers in reverse start order
+(callers before callees), then NATS and etcd. Everything it starts is recorded with its identity
+(pid + start time) in the run record (launch/rundir.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -18,25 +22,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tdist.errors import LaunchError
+from tdist.launch.logs import tail_file
 from tdist.launch.nats import NatsServer, start_nats
-from tdist.launch.rundir import RunState, WorkerRecord, kill_group, pid_alive
+from tdist.launch.readiness import ProgressFn, wait_ready_in_discovery
+from tdist.launch.rundir import LaunchOptions, ProcessRecord, RunRecord, WorkerRecord
+from tdist.plan.emit import worker_command
 from tdist.runtime.config import WorkerConfig
 
 log = logging.getLogger("tdist.launch")
-
-ProgressFn = Callable[[int, int, str], None]  # (ready, total, message)
-
-
-def tail_file(path: str | None, lines: int = 15) -> str:
-    if not path:
-        return ""
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 @dataclass
@@ -65,31 +61,36 @@ class LocalSupervisor:
     max_backoff_s: float = 30.0
     graph: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
-    state: RunState = field(init=False)
+    #: The plan file every worker reads its config from (`--plan PATH --rank N`, the one command
+    #: form `tdist plan` prints). None: the workers were given without a plan (tests); their
+    #: configs are written to `<run dir>/workers.json` and started the same way.
+    plan_path: str | None = None
+    #: argv[0] of a worker, as the plan says it (`python`: this interpreter's bin dir is put first on PATH).
+    python: str = "python"
+    #: The run record to keep up to date (a launcher passes the one it wrote); None: a fresh one.
+    record: RunRecord | None = None
     nats: NatsServer | None = field(init=False, default=None)
     etcd: Any = field(init=False, default=None)  # embedded etcd (discovery: etcd, endpoints: embedded)
     _procs: list[_Proc] = field(init=False, default_factory=list)
+    _ranks: dict[str, int] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
-        for sub in ("logs", "workers"):
-            (self.run_dir / sub).mkdir(parents=True, exist_ok=True)
-        components: list[str] = []
-        operators: dict[str, list[str]] = {}
-        for w in self.workers:
-            if w.component not in components:
-                components.append(w.component)
-            operators.setdefault(w.component, [o.name for o in w.operators])
-        self.state = RunState(
-            deployment=self.deployment,
-            run_dir=str(self.run_dir),
-            graph=self.graph,
-            supervisor_pid=os.getpid(),
-            components=components,
-            operators=operators,
-            log_dir=str(self.run_dir / "logs"),
-            discovery=self.workers[0].discovery.kind if self.workers else "nats",
-        )
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if self.plan_path is None:
+            path = self.run_dir / "workers.json"
+            path.write_text(json.dumps({"workers": [json.loads(w.to_json()) for w in self.workers]}))
+            self.plan_path = str(path)
+        self._ranks = {w.name: i for i, w in enumerate(self.workers)}
+        if self.record is None:
+            self.record = _record_of_workers(self)
+        self.record.supervisor = ProcessRecord.of(os.getpid())
+
+    @property
+    def state(self) -> RunRecord:
+        """The run record this supervisor writes (state.json)."""
+        assert self.record is not None
+        return self.record
 
     # ---- start ------------------------------------------------------------------------------
 
@@ -106,24 +107,28 @@ class LocalSupervisor:
         self.state.state = "ready"
         self.state.save()
 
-    async def _start_processes(self, progress: ProgressFn | None) -> None:
-        """Start NATS (if embedded), etcd (if asked) and every worker; wait until all are ready."""
+    def _start_nats(self, host: str = "127.0.0.1", advertise: str | None = None) -> None:
+        """The embedded nats-server, when no URL was given; recorded with its identity."""
         if self.nats_url is None:
-            self.nats = start_nats(work_dir=str(self.run_dir / "nats"))
-            self.nats_url = self.nats.url
-            self.state.nats_pid = self.nats.pid
-            self.state.nats_embedded = True
+            self.nats = start_nats(work_dir=str(self.run_dir / "nats"), host=host)
+            self.nats_url = f"nats://{advertise}:{self.nats.port}" if advertise else self.nats.url
+            self.state.nats.embedded = True
+            self.state.nats.process = ProcessRecord.of(self.nats.pid)
             try:
                 os.symlink(self.nats.log_path, self.run_dir / "logs" / "nats-server.log")
             except OSError:
                 pass
-        self.state.nats_url = self.nats_url
+        self.state.nats.url = self.nats_url
+
+    async def _start_processes(self, progress: ProgressFn | None) -> None:
+        """Start NATS (if embedded), etcd (if asked) and every worker; wait until all are ready."""
+        self._start_nats()
         self._ensure_etcd()
         self.state.save()
         for cfg in self.workers:
             self._add_worker(cfg)
         self.state.save()
-        await self._wait_ready(progress)
+        await self._wait_ready(progress, set(self.state.workers))
 
     def _ensure_etcd(self, host: str = "127.0.0.1", advertise_host: str | None = None) -> None:
         """Endpoints for etcd discovery; starts an embedded etcd when the graph asks for one."""
@@ -132,8 +137,8 @@ class LocalSupervisor:
         self.etcd, endpoints = ensure_etcd_for(self.workers, self.run_dir, host=host, advertise_host=advertise_host)
         if not endpoints:
             return
-        self.state.etcd_endpoints = list(endpoints)
-        self.state.etcd_pid = self.etcd.process.pid if self.etcd is not None else None
+        self.state.etcd.endpoints = list(endpoints)
+        self.state.etcd.process = ProcessRecord.of(self.etcd.process.pid) if self.etcd is not None else None
         self.extra_env["ETCD_ENDPOINTS"] = ",".join(endpoints)
 
     def _discovery_config(self) -> Any:
@@ -141,13 +146,15 @@ class LocalSupervisor:
         if not self.workers:
             return None
         disc = self.workers[0].discovery
-        if disc.kind == "etcd" and not disc.etcd_endpoints and self.state.etcd_endpoints:
-            disc = disc.model_copy(update={"etcd_endpoints": list(self.state.etcd_endpoints)})
+        if disc.kind == "etcd" and not disc.etcd_endpoints and self.state.etcd.endpoints:
+            disc = disc.model_copy(update={"etcd_endpoints": list(self.state.etcd.endpoints)})
         return disc
 
     def _add_worker(self, cfg: WorkerConfig) -> None:
         """Record a worker in the run state and start its process."""
-        rec = WorkerRecord(name=cfg.name, component=cfg.component, log=cfg.log_path or str(self.run_dir / "logs" / f"{cfg.name}.log"))
+        rec = self.state.workers.get(cfg.name) or WorkerRecord(name=cfg.name, component=cfg.component)
+        rec.rank = self._ranks[cfg.name]
+        rec.log = rec.log or cfg.log_path or str(self.run_dir / "logs" / f"{cfg.name}.log")
         self.state.workers[cfg.name] = rec
         proc = _Proc(cfg, rec)
         self._procs.append(proc)
@@ -155,9 +162,11 @@ class LocalSupervisor:
 
     def _spawn(self, proc: _Proc) -> None:
         cfg = proc.config
-        cfg_path = self.run_dir / "workers" / f"{cfg.name}.json"
-        cfg_path.write_text(cfg.to_json())
         env = dict(os.environ)
+        # argv[0] is the plan's `python`: this interpreter's directory first, so it is this venv's
+        bindir = os.path.dirname(sys.executable)
+        if env.get("PATH", "").split(os.pathsep)[0] != bindir:
+            env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
         env.update(self.extra_env)
         env.update(cfg.env)
         if "PYTHONPATH" in cfg.env and os.environ.get("PYTHONPATH"):
@@ -173,7 +182,7 @@ class LocalSupervisor:
             proc.log_fh = open(log_path, "ab", buffering=0)
         proc.log_fh.write(f"==== tdist: starting {cfg.name} at {time.strftime('%H:%M:%S')} ====\n".encode())
         proc.process = subprocess.Popen(
-            [sys.executable, "-m", "tdist.runtime.worker", "--config", str(cfg_path)],
+            worker_command(self.python, str(self.plan_path), self._ranks[cfg.name]),
             stdin=subprocess.DEVNULL,
             stdout=proc.log_fh,
             stderr=subprocess.STDOUT,
@@ -181,95 +190,40 @@ class LocalSupervisor:
             start_new_session=True,
         )
         proc.started_mono = time.monotonic()
-        proc.record.pid = proc.process.pid
-        proc.record.state = "running"
+        proc.record.process = ProcessRecord.of(proc.process.pid)
+        proc.record.state = "starting"
 
-    async def _discovery_entries(self, client: Any) -> dict[str, dict[str, Any]]:
-        try:
-            return await client.discovery.list()
-        except Exception as exc:
-            log.debug("discovery read failed: %s", exc)
-            return {}
+    def _check_workers(self) -> None:
+        """Raise (with its log tail) if a worker we started has exited during start-up."""
+        for p in self._procs:
+            if p.process is not None and p.process.poll() is not None:
+                raise LaunchError(f"worker {p.config.name} exited with code {p.process.returncode} during start",
+                                  log_tail=tail_file(p.record.log), log_path=p.record.log)
 
-    async def _wait_ready(self, progress: ProgressFn | None) -> None:
-        from tdist.runtime.planes.request import RequestClient
+    async def _wait_ready(self, progress: ProgressFn | None, names: set[str], check: Any = None) -> dict[str, Any]:
+        assert self.nats_url
+        entries = await wait_ready_in_discovery(
+            self.nats_url, self.deployment, self._discovery_config(), names, timeout_s=self.startup_timeout_s,
+            log_of=self._log_of, check=check or self._check_workers, progress=progress)
+        for name in names:
+            self.state.workers[name].state = "ready"
+        return entries
 
-        client = await RequestClient.connect(self.nats_url, self.deployment, discovery=self._discovery_config())
-        try:
-            deadline = time.monotonic() + self.startup_timeout_s
-            total = len(self._procs)
-            while True:
-                for p in self._procs:
-                    if p.process is not None and p.process.poll() is not None:
-                        raise LaunchError(
-                            f"worker {p.config.name} exited with code {p.process.returncode} during start",
-                            log_tail=tail_file(p.record.log),
-                            log_path=p.record.log,
-                        )
-                entries = await self._discovery_entries(client)
-                failed = [n for n, e in entries.items() if e.get("state") == "failed" and n in self.state.workers]
-                if failed:
-                    rec = self.state.workers[failed[0]]
-                    raise LaunchError(
-                        f"worker {failed[0]} failed to start: {entries[failed[0]].get('error')}",
-                        log_tail=tail_file(rec.log),
-                        log_path=rec.log,
-                    )
-                ready = [n for n, e in entries.items() if e.get("state") == "ready" and n in self.state.workers]
-                if progress:
-                    progress(len(ready), total, ", ".join(sorted(set(self.state.workers) - set(ready))))
-                if len(ready) == total:
-                    return
-                if time.monotonic() > deadline:
-                    slow = sorted(set(self.state.workers) - set(ready))
-                    rec = self.state.workers[slow[0]]
-                    raise LaunchError(
-                        f"not ready within {self.startup_timeout_s:g} s: {', '.join(slow)}",
-                        log_tail=tail_file(rec.log),
-                        log_path=rec.log,
-                    )
-                await asyncio.sleep(0.1)
-        finally:
-            await client.close()
+    def _log_of(self, name: str) -> str | None:
+        rec = self.state.workers.get(name)
+        return rec.log if rec else None
 
     # ---- supervise --------------------------------------------------------------------------
 
     async def supervise(self, stop: asyncio.Event) -> None:
-        """Restart crashed workers (with backoff) until `stop` is set."""
+        """Restart crashed workers (with backoff) until `stop` is set; keep the deployment state true."""
         while not stop.is_set():
-            now = time.monotonic()
-            changed = False
-            for p in self._procs:
-                if p.stopping or p.process is None:
-                    continue
-                code = p.process.poll()
-                if code is None:
-                    if now - p.started_mono > 60:
-                        p.backoff_s = 1.0  # healthy for a minute: forget past crashes
-                    continue
-                if p.restart_at is None:
-                    p.record.last_exit = code
-                    # what the worker started (engine processes, a Triton server) dies with it
-                    kill_group(p.process.pid, signal.SIGKILL)
-                    if not self.restart:
-                        p.record.state = "failed"
-                        p.stopping = True
-                        changed = True
-                        continue
-                    p.restart_at = now + p.backoff_s
-                    p.record.state = "restarting"
-                    log.warning("worker %s exited with %s; restarting in %.1f s", p.config.name, code, p.backoff_s)
-                    changed = True
-                elif now >= p.restart_at:
-                    p.restart_at = None
-                    p.backoff_s = min(self.max_backoff_s, p.backoff_s * 2)
-                    p.record.restarts += 1
-                    self._spawn(p)
-                    changed = True
-            if changed:
+            if self._supervise_round(time.monotonic()):
+                self._update_deployment_state()
                 self.state.save()
-            if self.nats is not None and not self.nats.alive():
+            if self.nats is not None and not self.nats.alive() and not self.state.error:
                 self.state.error = f"embedded nats-server died (exit {self.nats.process.returncode})"
+                self.state.state = "degraded"
                 self.state.save()
                 log.error(self.state.error)
             try:
@@ -277,11 +231,49 @@ class LocalSupervisor:
             except asyncio.TimeoutError:
                 pass
 
+    def _supervise_round(self, now: float) -> bool:
+        """One look at every worker process; True when a record changed."""
+        changed = False
+        for p in self._procs:
+            if p.stopping or p.process is None:
+                continue
+            code = p.process.poll()
+            if code is None:
+                if now - p.started_mono > 60:
+                    p.backoff_s = 1.0  # healthy for a minute: forget past crashes
+                continue
+            if p.restart_at is None:
+                p.record.last_exit = code
+                # what the worker started (engine processes, a Triton server) dies with it
+                _kill_group(p.process.pid, signal.SIGKILL)
+                if not self.restart:
+                    p.record.state = "failed"
+                    p.stopping = True
+                    changed = True
+                    continue
+                p.restart_at = now + p.backoff_s
+                p.record.state = "restarting"
+                log.warning("worker %s exited with %s; restarting in %.1f s", p.config.name, code, p.backoff_s)
+                changed = True
+            elif now >= p.restart_at:
+                p.restart_at = None
+                p.backoff_s = min(self.max_backoff_s, p.backoff_s * 2)
+                p.record.restarts += 1
+                self._spawn(p)
+                changed = True
+        return changed
+
+    def _update_deployment_state(self) -> None:
+        if self.state.state not in ("ready", "degraded"):
+            return
+        broken = any(w.state in ("failed", "restarting") for w in self.state.workers.values())
+        self.state.state = "degraded" if broken else "ready"
+
     # ---- stop -------------------------------------------------------------------------------
 
     async def stop(self, final_state: str = "stopped") -> None:
         """Drain workers in reverse start order by component, then stop NATS. Leaves no process."""
-        if self.state.state not in ("failed",):
+        if self.state.state != "failed":
             self.state.state = "stopping"
             self.state.save()
         by_component: dict[str, list[_Proc]] = {}
@@ -292,17 +284,18 @@ class LocalSupervisor:
             for p in group:
                 p.stopping = True
                 if p.process is not None and p.process.poll() is None:
-                    kill_group(p.process.pid, signal.SIGTERM)
+                    _kill_group(p.process.pid, signal.SIGTERM)
             deadline = time.monotonic() + self.drain_timeout_s
             while any(p.process is not None and p.process.poll() is None for p in group) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             for p in group:
                 if p.process is not None and p.process.poll() is None:
-                    kill_group(p.process.pid, signal.SIGKILL)
+                    _kill_group(p.process.pid, signal.SIGKILL)
                     p.process.wait(5)
                 if p.process is not None:
-                    kill_group(p.process.pid, signal.SIGKILL)  # stragglers of its group
-                p.record.state = "stopped"
+                    _kill_group(p.process.pid, signal.SIGKILL)  # stragglers of its group
+                if p.record.state != "failed":
+                    p.record.state = "stopped"
                 if p.log_fh is not None:
                     p.log_fh.close()
                     p.log_fh = None
@@ -310,42 +303,30 @@ class LocalSupervisor:
             self.nats.stop()
         if self.etcd is not None:
             self.etcd.stop()
-        self.state.state = final_state
+            self.etcd = None
+        self.state.state = final_state  # type: ignore[assignment]
         self.state.save()
 
 
-def stop_run(state: RunState, *, timeout_s: float = 60.0) -> list[str]:
-    """Stop a deployment from another process: ask its supervisor, then make sure nothing is left.
-
-    Returns the names of processes that had to be killed by force.
-    """
-    forced: list[str] = []
-    if state.supervisor_alive() and state.supervisor_pid != os.getpid():
-        os.kill(state.supervisor_pid, signal.SIGTERM)  # type: ignore[arg-type]
-        deadline = time.monotonic() + timeout_s
-        while pid_alive(state.supervisor_pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if pid_alive(state.supervisor_pid):
-            kill_group(state.supervisor_pid, signal.SIGKILL)
-            forced.append("supervisor")
-    # Whatever the supervisor could not clean up (it crashed, or was killed): kill it here.
-    for name, rec in state.workers.items():
-        if pid_alive(rec.pid):
-            kill_group(rec.pid, signal.SIGKILL)
-            forced.append(name)
-    for label, pid in (("nats-server", state.nats_pid if state.nats_embedded else None), ("etcd", state.etcd_pid)):
-        if pid_alive(pid):
-            kill_group(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if pid_alive(pid):
-                kill_group(pid, signal.SIGKILL)
-            forced.append(label)
+def _kill_group(pid: int, sig: int) -> None:
+    """Signal the process group of a child we started (and have not reaped: the pid is still ours)."""
     try:
-        fresh = RunState.load(state.path)
-    except (OSError, ValueError):
-        fresh = state
-    fresh.state = "stopped"
-    fresh.save()
-    return forced
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _record_of_workers(sup: LocalSupervisor) -> RunRecord:
+    """A run record for workers given without a plan (tests, benchmarks)."""
+    components: list[str] = []
+    operators: dict[str, list[str]] = {}
+    for w in sup.workers:
+        if w.component not in components:
+            components.append(w.component)
+        operators.setdefault(w.component, [o.name for o in w.operators])
+    return RunRecord(
+        deployment=sup.deployment, run_dir=str(sup.run_dir), plan_path=str(sup.plan_path), graph=sup.graph,
+        options=LaunchOptions(nats_url=sup.nats_url, startup_timeout_s=sup.startup_timeout_s, restart=sup.restart),
+        discovery=sup.workers[0].discovery.kind if sup.workers else "nats",
+        components=components, operators=operators,
+    )

@@ -1,8 +1,7 @@
 """`--launcher mpirun` (and the srun step): mpirun itself, the world's environment, per-rank logs.
 
-`python -m tdist.launch.mpirun --run-dir DIR` is the (detached) supervisor of a world deployment;
-the supervisor itself (`WorldSupervisor`, `make_world_supervisor`) lives in launch/world.py and
-is re-exported here. Each rank runs `python -m tdist.runtime.worker --plan plan.json` and picks
+The supervisor of a world deployment (`python -m tdist.launch.world --run-dir DIR`) lives in
+launch/world.py and imports this module, never the other way round. Each rank runs `python -m tdist.runtime.worker --plan plan.json` and picks
 `workers[rank]` from OMPI_COMM_WORLD_RANK / SLURM_PROCID; NATS_SERVER and ETCD_ENDPOINTS reach
 it through `-x` / `--export` (`world_env`).
 
@@ -14,7 +13,6 @@ reads the world's output and writes rank R's lines to that worker's log_path
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
@@ -24,13 +22,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tdist.errors import LaunchError
-from tdist.launch.rundir import pid_alive
-
-if TYPE_CHECKING:
-    from tdist.launch.world import WorldSupervisor, make_world_supervisor  # noqa: F401
+from tdist.runtime.process_identity import process_alive
 
 log = logging.getLogger("tdist.launch.world")
 
@@ -59,23 +54,16 @@ def mpirun_base_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return out
 
 
-def tail(path: str | os.PathLike[str], lines: int = 20) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 def stop_pid(pid: int | None, *, timeout_s: float = 30.0, sig: int = signal.SIGTERM) -> bool:
     """Signal `pid`, wait, SIGKILL it (and its group) after timeout_s. True if it is gone."""
-    if not pid_alive(pid):
+    if not process_alive(pid, None):
         return True
     assert pid is not None
     _signal(pid, sig)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         _reap(pid)
-        if not pid_alive(pid):
+        if not process_alive(pid, None):
             return True
         time.sleep(0.05)
     for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
@@ -85,7 +73,7 @@ def stop_pid(pid: int | None, *, timeout_s: float = 30.0, sig: int = signal.SIGT
             pass
     for _ in range(100):
         _reap(pid)
-        if not pid_alive(pid):
+        if not process_alive(pid, None):
             return True
         time.sleep(0.05)
     return False
@@ -210,35 +198,3 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from tdist.launch import world  # lazily: see __getattr__
-
-    ap = argparse.ArgumentParser(prog="python -m tdist.launch.mpirun",
-                                 description="Supervise a world deployment (mpirun or srun) from its run directory.")
-    ap.add_argument("--run-dir", required=True)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from tdist.launch.supervisor import run_supervisor
-
-    return asyncio.run(run_supervisor(world.make_world_supervisor(args.run_dir)))
-
-
-_MOVED_TO_WORLD = ("WorldSupervisor", "make_world_supervisor")
-
-
-def __getattr__(name: str) -> Any:
-    """Re-export what moved to launch/world.py, imported on first use: world.py imports this
-    module's helpers, so importing it here at load time would be circular."""
-    if name in _MOVED_TO_WORLD:
-        from tdist.launch import world
-
-        return getattr(world, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tdist.errors import LaunchError
+from tdist.launch.logs import tail_file
 
 
 def find_nats_server() -> str:
@@ -61,13 +62,6 @@ class NatsServer:
                 self.process.wait(5)
 
 
-def _tail(path: str, lines: int = 20) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 def start_nats(
     *,
     work_dir: str | None = None,
@@ -99,7 +93,7 @@ def start_nats(
     ports_file = ports_dir / f"{Path(binary).name}_{proc.pid}.ports"
     while True:
         if proc.poll() is not None:
-            raise LaunchError(f"nats-server exited with code {proc.returncode} at start", log_tail=_tail(log_path), log_path=log_path)
+            raise LaunchError(f"nats-server exited with code {proc.returncode} at start", log_tail=tail_file(log_path), log_path=log_path)
         text = Path(log_path).read_text(errors="replace")
         if "Server is ready" in text and ports_file.exists():
             try:
@@ -109,7 +103,7 @@ def start_nats(
                 pass  # file being written
         if time.monotonic() > deadline:
             proc.kill()
-            raise LaunchError(f"nats-server not ready within {timeout_s:g} s", log_tail=_tail(log_path), log_path=log_path)
+            raise LaunchError(f"nats-server not ready within {timeout_s:g} s", log_tail=tail_file(log_path), log_path=log_path)
         time.sleep(0.01)
     client_url = ports["nats"][0]
     client_port = int(client_url.rsplit(":", 1)[1])

@@ -1,8 +1,11 @@
-"""Run directories: where a deployment records what `status`, `infer` and `stop` need.
+"""Run directories, and the one record of a deployment: what `status`, `infer` and `stop` need.
 
-`$TDIST_HOME/runs/<deployment>/` (TDIST_HOME defaults to ~/.tdist) holds state.json (NATS URL,
-pids, state, log dir), plan.json, workers/<name>.json and logs/. The supervisor is its only
-writer; writes are atomic (temp file + rename) so readers never see half a file.
+`$TDIST_HOME/runs/<deployment>/` (TDIST_HOME defaults to ~/.tdist) holds plan.json (every worker
+runs `--plan plan.json --rank N`), state.json (a `RunRecord`: the launch options, the deployment's
+state, every process with its identity) and logs/. Both files are read and written only through
+this module (`write_plan`, `load_plan`, `RunRecord.load` / `save`); writes are atomic (temp file +
+rename) so readers never see half a file. Processes are recorded as pid + start time
+(`tdist.runtime.process_identity`), so nothing signals a recycled pid.
 
 A run directory is always a direct child of `runs/`: the deployment name passes the name rule
 (`tdist.names`) before it becomes a path, so `--name ../../x` is refused, never followed. A
@@ -12,16 +15,21 @@ re-deploy never deletes: the previous run of that name (logs, recorded pids) is 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
+import socket
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from tdist.errors import DeploymentNotFound, InvalidName, LaunchError
 from tdist.names import NAME_RULE, is_valid_name, suggest_name
+from tdist.runtime.process_identity import process_alive, process_start
+
+if TYPE_CHECKING:
+    from tdist.plan.model import Plan
 
 #: How many earlier runs of one deployment name `prepare_run_dir` keeps under runs/.previous/.
 KEEP_PREVIOUS_RUNS = 3
@@ -84,108 +92,213 @@ def _prune_previous(previous: Path) -> None:
         shutil.rmtree(old)
 
 
-@dataclass
-class WorkerRecord:
+#: The ARCHITECTURE's words; `status`, the web page and the metrics use them too.
+DeploymentState = Literal["starting", "ready", "degraded", "failed", "stopping", "stopped"]
+#: A worker's state as its launcher sees it (`stopped`: ended by a stop of the deployment).
+WorkerState = Literal["starting", "ready", "draining", "restarting", "failed", "stale", "lost", "stopped"]
+LauncherKind = Literal["local", "mpirun", "srun", "sbatch"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LaunchOptions(BaseModel):
+    """How to launch a plan: what `tdist deploy` was told beyond the graph. Same for every launcher."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    detach: bool = Field(False, description="Return once ready; a detached supervisor (or the Slurm job) keeps it running")
+    nats_url: str | None = Field(None, description="Use this NATS instead of the plan's request plane")
+    startup_timeout_s: float = Field(120.0, gt=0, description="Seconds to wait until every worker is ready")
+    restart: bool = Field(True, description="Restart a worker that dies (False: it stays failed, the deployment degraded)")
+
+    @classmethod
+    def for_plan(cls, plan: "Plan", *, detach: bool = False, nats_url: str | None = None,
+                 startup_timeout_s: float | None = None, no_restart: bool = False) -> "LaunchOptions":
+        """Options with the plan's defaults filled in (its startup timeout, its restart policy)."""
+        return cls(detach=detach, nats_url=nats_url,
+                   startup_timeout_s=plan.startup_timeout_s if startup_timeout_s is None else startup_timeout_s,
+                   restart=plan.restart_on_crash and not no_restart)
+
+
+class ProcessRecord(_Model):
+    """One process, for good: pid + start time (a recycled pid has another), and its host."""
+
+    pid: int
+    start: int | None = Field(None, description="Clock ticks since boot (/proc/<pid>/stat field 22)")
+    host: str = Field(default_factory=socket.gethostname, description="Where it runs; only local ones are signalled")
+
+    @classmethod
+    def of(cls, pid: int, host: str | None = None) -> "ProcessRecord":
+        """The record of a process running now on this host (or of a rank on `host`)."""
+        local = host is None or _same_host(host)
+        return cls(pid=pid, start=process_start(pid) if local else None, host=host or socket.gethostname())
+
+    @property
+    def local(self) -> bool:
+        return _same_host(self.host)
+
+    def alive(self) -> bool:
+        """Still the same process, on this host. A process on another host is never judged by a local pid."""
+        return self.local and process_alive(self.pid, self.start)
+
+    def signal_group(self, sig: int = signal.SIGTERM) -> bool:
+        """Signal its process group (every launched process leads its own) if it is still itself."""
+        if not self.alive():
+            return False
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+
+def _same_host(host: str) -> bool:
+    me = socket.gethostname()
+    return host.split(".")[0] in (me.split(".")[0], "localhost", "127.0.0.1")
+
+
+class WorkerRecord(_Model):
     name: str
     component: str
-    pid: int | None = None
+    rank: int | None = Field(None, description="Index in plan.workers (what `--rank` names)")
     log: str | None = None
+    process: ProcessRecord | None = None
     restarts: int = 0
     last_exit: int | None = None
-    state: str = "starting"  # starting | running | restarting | stopped | failed
+    state: WorkerState = "starting"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
 
 
-@dataclass
-class RunState:
+class NatsRecord(_Model):
+    url: str | None = None
+    embedded: bool = False
+    process: ProcessRecord | None = None
+
+
+class EtcdRecord(_Model):
+    endpoints: list[str] = Field(default_factory=list)
+    process: ProcessRecord | None = None
+
+
+class SlurmRecord(_Model):
+    job_id: str | None = None
+    output: str | None = Field(None, description="The job's labelled output file (sbatch --output)")
+    conf: str | None = Field(None, description="SLURM_CONF the job was submitted with")
+    nodes: list[str] = Field(default_factory=list)
+
+
+class RunRecord(_Model):
+    """Everything about one deployment that outlives the command that started it (state.json)."""
+
     deployment: str
     run_dir: str
-    launcher: str = "local"
+    launcher: LauncherKind = "local"
+    plan_path: str
     graph: str | None = None
-    state: str = "starting"  # starting | ready | stopping | stopped | failed
+    options: LaunchOptions = Field(default_factory=LaunchOptions)
+    state: DeploymentState = "starting"
     error: str | None = None
-    nats_url: str | None = None
-    nats_pid: int | None = None
-    nats_embedded: bool = False
-    etcd_endpoints: list[str] = field(default_factory=list)
-    etcd_pid: int | None = None
-    discovery: str = "nats"
-    supervisor_pid: int | None = None
-    components: list[str] = field(default_factory=list)
-    operators: dict[str, list[str]] = field(default_factory=dict)  # component -> operators
-    workers: dict[str, WorkerRecord] = field(default_factory=dict)
-    log_dir: str | None = None
-    job_id: str | None = None  # sbatch job / mpirun pid, for other launchers
-    started_at: float = field(default_factory=time.time)
-    updated_at: float = field(default_factory=time.time)
-    extra: dict[str, Any] = field(default_factory=dict)
+    supervisor: ProcessRecord | None = None
+    nats: NatsRecord = Field(default_factory=NatsRecord)
+    etcd: EtcdRecord = Field(default_factory=EtcdRecord)
+    discovery: Literal["nats", "etcd"] = "nats"
+    components: list[str] = Field(default_factory=list)
+    operators: dict[str, list[str]] = Field(default_factory=dict, description="component -> its operators")
+    workers: dict[str, WorkerRecord] = Field(default_factory=dict)
+    world: ProcessRecord | None = Field(None, description="The mpirun/srun process of a world")
+    world_argv: list[str] = Field(default_factory=list)
+    slurm: SlurmRecord = Field(default_factory=SlurmRecord)
+    started_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+
+    @classmethod
+    def for_plan(cls, plan: "Plan", options: LaunchOptions, *, graph: str | None = None) -> "RunRecord":
+        """A fresh record of `plan`: components, operators and workers known, nothing started."""
+        components: list[str] = []
+        operators: dict[str, list[str]] = {}
+        for w in plan.workers:
+            if w.component not in components:
+                components.append(w.component)
+            operators.setdefault(w.component, [o.name for o in w.operators])
+        return cls(
+            deployment=plan.deployment, run_dir=plan.run_dir, launcher=plan.launcher,
+            plan_path=str(Path(plan.run_dir) / "plan.json"), graph=graph, options=options,
+            discovery=plan.discovery, components=components, operators=operators,
+            workers={w.name: WorkerRecord(name=w.name, component=w.component, rank=i,
+                                          log=w.log_path or str(Path(plan.log_dir) / f"{w.name}.log"))
+                     for i, w in enumerate(plan.workers)},
+        )
 
     @property
     def path(self) -> Path:
         return Path(self.run_dir) / "state.json"
 
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.run_dir) / "logs"
+
     def save(self) -> None:
         self.updated_at = time.time()
-        data = asdict(self)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, self.path)
+        _write_atomic(self.path, self.model_dump_json(indent=2))
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "RunState":
-        data = json.loads(Path(path).read_text())
-        workers = {k: WorkerRecord(**v) for k, v in data.pop("workers", {}).items()}
-        return cls(**data, workers=workers)
+    def load(cls, path: str | os.PathLike[str]) -> "RunRecord":
+        return cls.model_validate_json(Path(path).read_text())
+
+    def reload(self) -> "RunRecord":
+        """The record as its writer last saved it (this one if it cannot be read)."""
+        try:
+            return RunRecord.load(self.path)
+        except (OSError, ValueError):
+            return self
 
     def supervisor_alive(self) -> bool:
-        return pid_alive(self.supervisor_pid)
+        return self.supervisor is not None and self.supervisor.alive()
 
 
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0); look at its state where /proc exists.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
-def kill_group(pid: int | None, sig: int = signal.SIGTERM) -> None:
-    """Signal a process group led by pid (every launched process leads its own)."""
-    if not pid:
-        return
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is gone; never fall back to a bare pid that may have been reused
+def write_plan(plan: "Plan") -> Path:
+    """`<run dir>/plan.json`: what every worker reads its config from."""
+    path = Path(plan.run_dir) / "plan.json"
+    _write_atomic(path, plan.model_dump_json(indent=2))
+    return path
 
 
-def live_runs() -> list[RunState]:
-    """Deployments whose supervisor (or recorded job) is still alive."""
-    out = []
+def load_plan(record: RunRecord) -> "Plan":
+    from tdist.plan.model import Plan
+
+    return Plan.model_validate_json(Path(record.plan_path).read_text())
+
+
+def live_runs() -> list[RunRecord]:
+    """Deployments whose supervisor (or Slurm job) is still alive."""
+    out: list[RunRecord] = []
     root = runs_root()
     if not root.is_dir():
         return out
     for state_file in sorted(root.glob("*/state.json")):
         try:
-            st = RunState.load(state_file)
-        except (OSError, ValueError, TypeError):
+            rec = RunRecord.load(state_file)
+        except (OSError, ValueError):
             continue
-        if st.state in ("stopped",):
+        if rec.state == "stopped":
             continue
-        if st.supervisor_alive() or (st.launcher in ("sbatch",) and st.job_id and st.state != "failed"):
-            out.append(st)
+        if rec.supervisor_alive() or (rec.launcher == "sbatch" and rec.slurm.job_id and rec.state != "failed"):
+            out.append(rec)
     return out
 
 
-def find_run(name: str | None = None) -> RunState:
+def find_run(name: str | None = None) -> RunRecord:
     """The deployment to act on: the named one, or the only one running."""
     if name:
         path = run_dir_for(name) / "state.json"  # a checked name: never a path outside runs/
@@ -195,7 +308,7 @@ def find_run(name: str | None = None) -> RunState:
                 f"no deployment named {name!r} under {runs_root()}"
                 + (f"; running: {', '.join(known)}" if known else "; start one with: tdist deploy GRAPH --detach")
             )
-        return RunState.load(path)
+        return RunRecord.load(path)
     runs = live_runs()
     if not runs:
         raise DeploymentNotFound(f"no running deployment under {runs_root()}; start one with: tdist deploy GRAPH --detach")

@@ -4,8 +4,8 @@ srun: one `srun --mpi=pmix ... python -m tdist.runtime.worker --plan plan.json` 
 pick `workers[SLURM_PROCID]`, run by the world supervisor (launch/world.py); outside an
 allocation srun asks for one. To drain it, `scancel --signal=TERM <job>.<step>` (`find_step`,
 `signal_step`): SIGTERM to srun itself would cancel the step and SIGKILL the tasks.
-sbatch: the script text comes from `tdist.plan.emit_sbatch`; we write it to `<run>/job.sbatch`,
-submit it with `sbatch --parsable` and record the job id. `tdist stop` SIGTERMs the world step
+sbatch (the launcher is launch/sbatch.py): the script text comes from `tdist.plan.emit_sbatch`;
+we write it to `<run>/job.sbatch`, submit it with `sbatch --parsable` and record the job id. `tdist stop` SIGTERMs the world step
 (ranks drain, the script ends), then scancels if needed, and waits until `squeue` no longer lists
 the job. Per-rank logs: the job inherits SLURM_LABELIO=1, so `slurm-<job>.out` has rank-labelled
 lines that `split_rank_output` turns into `<run>/logs/<worker>.log`.
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from tdist.errors import LaunchError
+from tdist.launch.logs import tail_file
 
 JOB_SCRIPT = "job.sbatch"
 ACTIVE_STATES = frozenset(
@@ -198,11 +199,9 @@ def wait_job_running(job_id: str, *, env: dict[str, str] | None = None, timeout_
     res = _run([find_slurm_command("squeue"), "-h", "-j", str(job_id), "-o", "%r"], env=env)
     if res.returncode == 0 and res.stdout.strip():
         reason = f" (reason: {res.stdout.strip()})"
-    from tdist.launch.mpirun import tail
-
     raise LaunchError(
         f"Slurm job {job_id} is {state or 'gone'} instead of RUNNING after {timeout_s:.0f}s{reason}",
-        log_tail=tail(log_path) if log_path else None,
+        log_tail=tail_file(log_path) if log_path else None,
         log_path=log_path,
     )
 
@@ -265,62 +264,3 @@ def head_node_url(nodes: list[str], scheme: str, port: int) -> str:
     if not nodes:
         raise LaunchError("the job has no nodes yet")
     return f"{scheme}://{nodes[0]}:{port}"
-
-
-async def wait_ready_in_discovery(
-    nats_url: str,
-    deployment: str,
-    discovery: object,
-    names: set[str],
-    *,
-    timeout_s: float,
-    check: "object | None" = None,
-    progress: "object | None" = None,
-) -> dict[str, dict]:
-    """Wait (bounded) until every worker in `names` is `ready` in discovery; returns the entries.
-
-    `check()` is called each round and may raise (e.g. the job ended) — that ends the wait.
-    Connecting retries until the deadline: the job's nats-server may still be starting.
-    """
-    import asyncio
-
-    from tdist.runtime.planes.request import RequestClient
-
-    deadline = time.monotonic() + timeout_s
-    client = None
-    last_error = ""
-    try:
-        while client is None:
-            if check is not None:
-                check()  # type: ignore[operator]
-            try:
-                client = await RequestClient.connect(nats_url, deployment, discovery=discovery)  # type: ignore[arg-type]
-            except Exception as e:  # noqa: BLE001 - not up yet
-                last_error = f"{type(e).__name__}: {e}"
-                if time.monotonic() > deadline:
-                    raise LaunchError(f"request plane {nats_url} unreachable within {timeout_s:g} s ({last_error})") from e
-                await asyncio.sleep(0.5)
-        entries: dict[str, dict] = {}
-        while True:
-            if check is not None:
-                check()  # type: ignore[operator]
-            try:
-                entries = await client.discovery.list()
-            except Exception as e:  # noqa: BLE001
-                last_error = f"{type(e).__name__}: {e}"
-                entries = {}
-            failed = [n for n in names if entries.get(n, {}).get("state") == "failed"]
-            if failed:
-                raise LaunchError(f"worker {failed[0]} failed to start: {entries[failed[0]].get('error')}")
-            ready = {n for n in names if entries.get(n, {}).get("state") == "ready"}
-            if progress is not None:
-                progress(len(ready), len(names), ", ".join(sorted(names - ready)))  # type: ignore[operator]
-            if ready == names:
-                return entries
-            if time.monotonic() > deadline:
-                raise LaunchError(f"not ready within {timeout_s:g} s: {', '.join(sorted(names - ready))}"
-                                  + (f" ({last_error})" if last_error else ""))
-            await asyncio.sleep(0.2)
-    finally:
-        if client is not None:
-            await client.close()

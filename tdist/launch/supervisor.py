@@ -1,47 +1,52 @@
-"""`python -m tdist.launch.supervisor --run-dir DIR`: the detached supervisor of `tdist deploy --detach`.
+"""`python -m tdist.launch.supervisor --run-dir DIR`: the supervisor of a deployment, detached or not.
 
-Reads DIR/plan.json (the plan as plain data) and DIR/launch.json (deployment name, NATS URL or
-embedded, timeouts), runs the LocalSupervisor until SIGTERM/SIGINT, then tears everything down.
-Its own log is DIR/logs/supervisor.log; its progress is state.json.
+Reads the run record (DIR/state.json: launcher, launch options) and the plan (DIR/plan.json),
+builds the local supervisor (`--launcher local`) or the world supervisor (mpirun, srun), starts
+everything, supervises until SIGTERM/SIGINT, then tears everything down. Its own log is
+DIR/logs/supervisor.log; its progress is the run record. The foreground `tdist deploy` runs the
+same supervisor in its own process (`serve_foreground`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import signal
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 from tdist.errors import TdistError
 from tdist.launch.local import LocalSupervisor
-from tdist.runtime.config import WorkerConfig
+from tdist.launch.rundir import RunRecord, load_plan
+from tdist.launch.world import WorldSupervisor
 
 
-def supervisor_from_run_dir(run_dir: Path) -> LocalSupervisor:
-    plan = json.loads((run_dir / "plan.json").read_text())
-    opts = json.loads((run_dir / "launch.json").read_text())
-    workers = [WorkerConfig.model_validate(w) for w in plan["workers"]]
-    return LocalSupervisor(
-        deployment=opts["deployment"],
-        workers=workers,
-        run_dir=run_dir,
-        nats_url=opts.get("nats_url"),
-        startup_timeout_s=float(opts.get("startup_timeout_s", 120)),
-        restart=bool(opts.get("restart", True)),
-        graph=opts.get("graph"),
-        extra_env=dict(opts.get("env", {})),
+def make_supervisor(record: RunRecord) -> LocalSupervisor:
+    """The supervisor of the deployment `record` describes (its plan from record.plan_path)."""
+    plan = load_plan(record)
+    opts = record.options
+    kw: dict[str, Any] = dict(
+        deployment=record.deployment, workers=list(plan.workers), run_dir=Path(record.run_dir),
+        nats_url=opts.nats_url or plan.nats.url, startup_timeout_s=opts.startup_timeout_s, restart=opts.restart,
+        graph=record.graph, plan_path=record.plan_path, python=plan.python, record=record,
     )
+    if record.launcher == "local":
+        return LocalSupervisor(**kw)
+    return WorldSupervisor(**kw, plan=plan, launcher=record.launcher)
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
 
 
 async def run_supervisor(sup: LocalSupervisor) -> int:
     """Start, supervise until SIGTERM/SIGINT, tear down; the exit code of a detached supervisor."""
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    _stop_on_signals(stop)
     try:
         await sup.start()
     except TdistError as exc:
@@ -53,12 +58,29 @@ async def run_supervisor(sup: LocalSupervisor) -> int:
     return 0 if getattr(sup, "world_exit", None) is None else 1
 
 
+async def serve_foreground(sup: LocalSupervisor, *, progress: Callable[[int, int, str], None] | None = None,
+                           ready: Callable[[RunRecord], None] | None = None,
+                           stopping: Callable[[], None] | None = None) -> RunRecord:
+    """The foreground deploy: start (reporting progress), serve until Ctrl-C / SIGTERM, tear down."""
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    await sup.start(progress)
+    if ready is not None:
+        ready(sup.state)
+    await sup.supervise(stop)
+    if stopping is not None:
+        stopping()
+    await sup.stop()
+    return sup.state
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tdist.launch.supervisor")
+    ap = argparse.ArgumentParser(prog="python -m tdist.launch.supervisor",
+                                 description="Supervise a deployment (local, mpirun or srun) from its run directory.")
     ap.add_argument("--run-dir", required=True)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    sup = supervisor_from_run_dir(Path(args.run_dir))
+    sup = make_supervisor(RunRecord.load(Path(args.run_dir) / "state.json"))
     return asyncio.run(run_supervisor(sup))
 
 

@@ -1,8 +1,8 @@
 """The supervisor of a world deployment: the plan's world as ONE mpirun/srun process, beside NATS.
 
-The counterpart of `tdist.launch.supervisor` for local ones, run by `python -m
-tdist.launch.mpirun --run-dir DIR` (see launch/mpirun.py): same run directory (plan.json,
-launch.json in; state.json, logs/ out), same life cycle. It starts the embedded nats-server (and
+The counterpart of the local supervisor, run by `python -m tdist.launch.supervisor --run-dir DIR`
+(or in the foreground deploy): same run directory (plan.json and the run record in; the record
+and logs/ out), same life cycle. It starts the embedded nats-server (and
 etcd for `discovery: etcd` with embedded endpoints), the service workers (routers, frontends) as
 local processes beside them, and the world as one process whose argv is exactly
 `emit_mpirun`/`emit_srun` of the plan — so `--dry-run` and `tdist plan` show what runs. Deploy
@@ -17,21 +17,19 @@ output: pure or process-level helpers) so each stays readable on its own.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tdist.errors import LaunchError
-from tdist.launch.local import LocalSupervisor, tail_file
+from tdist.launch.local import LocalSupervisor
+from tdist.launch.logs import tail_file
 from tdist.launch.mpirun import RankLogDemux, _signal, find_mpirun, stop_pid, world_env
-from tdist.launch.nats import start_nats
-from tdist.launch.rundir import WorkerRecord
+from tdist.launch.rundir import ProcessRecord
 
 log = logging.getLogger("tdist.launch.world")
 
@@ -40,7 +38,6 @@ log = logging.getLogger("tdist.launch.world")
 class WorldSupervisor(LocalSupervisor):
     plan: Any = None
     launcher: str = "mpirun"
-    plan_path: str = ""
     world: subprocess.Popen | None = field(init=False, default=None)
     etcd: Any = field(init=False, default=None)
     demux: RankLogDemux | None = field(init=False, default=None)
@@ -54,22 +51,17 @@ class WorldSupervisor(LocalSupervisor):
         from tdist.plan.emit import emit_mpirun, emit_srun
 
         if self.launcher == "mpirun":
-            return emit_mpirun(self.plan, self.plan_path)
-        return emit_srun(self.plan, self.plan_path)
+            return emit_mpirun(self.plan, str(self.plan_path))
+        return emit_srun(self.plan, str(self.plan_path))
 
     async def _start_processes(self, progress: Any = None) -> None:
         """NATS/etcd bound for the world's nodes, the world (one mpirun/srun), service workers beside it."""
         plan = self.plan
         host = os.environ.get("TDIST_BIND_HOST") or ("0.0.0.0" if plan.nodes > 1 else "127.0.0.1")
-        advertise = os.uname().nodename if host == "0.0.0.0" else host
-        if self.nats_url is None:
-            self.nats = start_nats(work_dir=str(self.run_dir / "nats"), host=host)
-            self.nats_url = f"nats://{advertise}:{self.nats.port}"
-            self.state.nats_pid = self.nats.pid
-            self.state.nats_embedded = True
-        self.state.nats_url = self.nats_url
-        self._ensure_etcd(host=host, advertise_host=advertise)
-        etcd_eps = list(self.state.etcd_endpoints)
+        advertise = os.uname().nodename if host == "0.0.0.0" else None
+        self._start_nats(host=host, advertise=advertise)
+        self._ensure_etcd(host=host, advertise_host=advertise or host)
+        etcd_eps = list(self.state.etcd.endpoints)
         self.state.save()
 
         # The world: one mpirun/srun process, argv exactly as `tdist plan` shows it.
@@ -91,20 +83,36 @@ class WorldSupervisor(LocalSupervisor):
             for i, w in enumerate(plan.world_workers)
         }
         self.demux = RankLogDemux(self.world.stdout, self.launcher, launcher_log, rank_logs).start()
-        self.state.job_id = env.get("SLURM_JOB_ID") if self.launcher == "srun" else str(self.world.pid)
-        self.state.extra.update({"world_pid": self.world.pid, "world_argv": argv, "launcher_log": str(launcher_log),
-                                 "world_size": plan.world_size})
+        self.state.world = ProcessRecord.of(self.world.pid)
+        self.state.world_argv = argv
+        if self.launcher == "srun":
+            self.state.slurm.job_id = env.get("SLURM_JOB_ID")
+            self.state.slurm.conf = env.get("SLURM_CONF")
         for i, w in enumerate(plan.world_workers):
-            self.state.workers[w.name] = WorkerRecord(name=w.name, component=w.component, pid=None,
-                                                      log=rank_logs[i], state="running")
-        if env.get("SLURM_CONF"):
-            self.state.extra["slurm_conf"] = env["SLURM_CONF"]
+            rec = self.state.workers[w.name]
+            rec.rank, rec.log, rec.state = i, rank_logs[i], "starting"
 
         # Service workers (routers, frontends) as local processes beside NATS.
         for w in plan.service_workers:
             self._add_worker(w)
         self.state.save()
-        await self._wait_world_ready(progress)
+        names = set(self.state.workers)
+        entries = await self._wait_ready(progress, names, check=self._check_world)
+        for name in names:  # ranks: pid and host from their own discovery entry
+            rec = self.state.workers[name]
+            if rec.process is None and (entries.get(name) or {}).get("pid"):
+                rec.process = ProcessRecord.of(int(entries[name]["pid"]), host=entries[name].get("host"))
+
+    def _check_world(self) -> None:
+        failure = self._world_failure()
+        if failure is not None:
+            raise failure
+        self._check_workers()
+
+    def _log_of(self, name: str) -> str | None:
+        """A rank's own log, or the launcher's output while the rank has written nothing yet."""
+        path = super()._log_of(name)
+        return path if tail_file(path) else str(self.run_dir / "logs" / f"{self.launcher}.log")
 
     def _world_failure(self) -> LaunchError | None:
         if self.world is None or self.world.poll() is None:
@@ -117,47 +125,6 @@ class WorldSupervisor(LocalSupervisor):
             log_tail=tail_file(str(launcher_log), 20),
             log_path=str(launcher_log),
         )
-
-    async def _wait_world_ready(self, progress: Any) -> None:
-        from tdist.runtime.planes.request import RequestClient
-
-        client = await RequestClient.connect(self.nats_url, self.deployment, discovery=self._discovery_config())
-        try:
-            deadline = time.monotonic() + self.startup_timeout_s
-            names = set(self.state.workers)
-            while True:
-                failure = self._world_failure()
-                if failure is not None:
-                    raise failure
-                for p in self._procs:
-                    if p.process is not None and p.process.poll() is not None:
-                        raise LaunchError(f"worker {p.config.name} exited with code {p.process.returncode} during start",
-                                          log_tail=tail_file(p.record.log), log_path=p.record.log)
-                entries = await self._discovery_entries(client)
-                failed = [n for n, e in entries.items() if e.get("state") == "failed" and n in names]
-                if failed:
-                    rec = self.state.workers[failed[0]]
-                    raise LaunchError(f"worker {failed[0]} failed to start: {entries[failed[0]].get('error')}",
-                                      log_tail=tail_file(rec.log), log_path=rec.log)
-                ready = {n for n, e in entries.items() if e.get("state") == "ready" and n in names}
-                for n in ready:
-                    rec = self.state.workers[n]
-                    if rec.pid is None and entries[n].get("pid"):
-                        rec.pid = int(entries[n]["pid"])
-                        self.state.extra.setdefault("rank_hosts", {})[n] = entries[n].get("host")
-                if progress:
-                    progress(len(ready), len(names), ", ".join(sorted(names - ready)))
-                if ready == names:
-                    return
-                if time.monotonic() > deadline:
-                    slow = sorted(names - ready)
-                    rec = self.state.workers[slow[0]]
-                    path = rec.log if tail_file(rec.log) else str(self.run_dir / "logs" / f"{self.launcher}.log")
-                    raise LaunchError(f"not ready within {self.startup_timeout_s:g} s: {', '.join(slow)}",
-                                      log_tail=tail_file(path), log_path=path)
-                await asyncio.sleep(0.1)
-        finally:
-            await client.close()
 
     def _drain_world(self) -> None:
         """Let the ranks drain before the world is torn down.
@@ -182,12 +149,10 @@ class WorldSupervisor(LocalSupervisor):
         elif signal.SIGUSR2 in _worker_drain_signals():
             _signal(world.pid, signal.SIGUSR2)
         else:
-            me = os.uname().nodename.split(".")[0]
-            hosts = self.state.extra.get("rank_hosts", {})
             for w in self.plan.world_workers:
                 rec = self.state.workers.get(w.name)
-                if rec and rec.pid and str(hosts.get(w.name) or me).split(".")[0] == me:
-                    _signal(rec.pid, signal.SIGTERM)
+                if rec and rec.process and rec.process.alive():  # only ranks on this host, still themselves
+                    _signal(rec.process.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.drain_timeout_s
         while world.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -233,28 +198,6 @@ class WorldSupervisor(LocalSupervisor):
             self.etcd = None
 
 
-def make_world_supervisor(run_dir: str | os.PathLike[str]) -> Any:
-    """Build the supervisor of a world deployment from `<run>/plan.json` + `<run>/launch.json`."""
-    from tdist.plan.model import Plan
-
-    run = Path(run_dir)
-    plan = Plan.model_validate_json((run / "plan.json").read_text())
-    opts = json.loads((run / "launch.json").read_text())
-    return WorldSupervisor(
-        deployment=opts.get("deployment", plan.deployment),
-        workers=list(plan.workers),
-        run_dir=run,
-        nats_url=opts.get("nats_url"),
-        startup_timeout_s=float(opts.get("startup_timeout_s", plan.startup_timeout_s)),
-        restart=bool(opts.get("restart", plan.restart_on_crash)),
-        graph=opts.get("graph"),
-        extra_env=dict(opts.get("env", {})),
-        plan=plan,
-        launcher=opts.get("launcher", plan.launcher),
-        plan_path=str(run / "plan.json"),
-    )
-
-
 def _worker_drain_signals() -> tuple[int, ...]:
     try:
         from tdist.runtime import worker
@@ -262,3 +205,4 @@ def _worker_drain_signals() -> tuple[int, ...]:
         return tuple(getattr(worker, "DRAIN_SIGNALS", (signal.SIGTERM, signal.SIGINT)))
     except Exception:  # noqa: BLE001
         return (signal.SIGTERM, signal.SIGINT)
+

@@ -30,7 +30,7 @@ from tdist.spec.operators import (
     VllmOperatorSpec,
 )
 from tdist.spec.placement import Layout, Proc, build_layout, server_operator_name
-from tdist.plan.model import LAUNCHERS, MpirunPlan, Plan, SrunPlan
+from tdist.plan.model import LAUNCHERS, EtcdPlan, MpirunPlan, NatsPlan, Plan, SrunPlan
 
 
 def _abs(base: str, path: str) -> str:
@@ -183,8 +183,9 @@ def build_plan(spec: GraphSpec, *, launcher: str = "local", run_dir: str | None 
     common_env.update(spec.env)
 
     rp = spec.request_plane
+    nats = NatsPlan.resolve(rp.url)
     request_plane = RequestPlaneConfig(
-        url=None if rp.url == "embedded" else rp.url, ack_wait_s=rp.ack_wait_s, max_deliver=rp.max_deliver,
+        url=nats.url, ack_wait_s=rp.ack_wait_s, max_deliver=rp.max_deliver,
         heartbeat_interval_s=rp.heartbeat_interval_s, default_timeout_s=rp.default_timeout_s,
     )
     dp = spec.data_plane
@@ -217,7 +218,8 @@ def build_plan(spec: GraphSpec, *, launcher: str = "local", run_dir: str | None 
     mp = spec.launch.mpirun
     return Plan(
         deployment=spec.name, graph_file=spec.file, launcher=launcher, run_dir=run_dir,  # type: ignore[arg-type]
-        log_dir=log_dir, request_plane=rp.url, discovery=d.kind, etcd_endpoints=endpoints, data_plane=data_plane,
+        log_dir=log_dir, nats=nats, discovery=d.kind, etcd=EtcdPlan.resolve(endpoints) if d.kind == "etcd" else None,
+        data_plane=data_plane,
         world_size=layout.world_size, nodes=spec.cluster.nodes, hosts=layout.hosts, python=spec.launch.python,
         python_path=python_path, env=dict(spec.env), startup_timeout_s=local.startup_timeout_s,
         restart_on_crash=local.restart_on_crash,

@@ -19,18 +19,27 @@ from tdist.plan.model import Plan
 WORKER_MODULE = "tdist.runtime.worker"
 
 
-def worker_argv(plan: Plan, plan_path: str, *, rank: int | None = None, python: str | None = None) -> list[str]:
-    """The command one worker runs; `rank` pins it (service workers, local launches)."""
-    argv = [python or plan.python, "-m", WORKER_MODULE, "--plan", plan_path]
+def worker_command(python: str, plan_path: str, rank: int | None = None) -> list[str]:
+    """The one command form of a worker: `python -m tdist.runtime.worker --plan PLAN [--rank N]`.
+
+    Every launcher starts exactly this (a world's ranks without `--rank`: they take it from
+    OMPI_COMM_WORLD_RANK / SLURM_PROCID), so what `tdist plan` prints is what runs.
+    """
+    argv = [python, "-m", WORKER_MODULE, "--plan", plan_path]
     return argv + ["--rank", str(rank)] if rank is not None else argv
+
+
+def worker_argv(plan: Plan, plan_path: str, *, rank: int | None = None, python: str | None = None) -> list[str]:
+    """The command one worker of `plan` runs; `rank` pins it (service workers, local launches)."""
+    return worker_command(python or plan.python, plan_path, rank)
 
 
 def forwarded_env_names(plan: Plan, extra: list[str]) -> list[str]:
     """Variables the ranks inherit from the launching environment."""
     names: list[str] = []
-    if plan.request_plane == "embedded":
+    if plan.nats.embedded:
         names.append("NATS_SERVER")
-    if plan.discovery == "etcd" and plan.etcd_endpoints == "embedded":
+    if plan.etcd_embedded:
         names.append("ETCD_ENDPOINTS")
     return list(dict.fromkeys(names + list(extra)))
 
@@ -155,9 +164,9 @@ def emit_sbatch(plan: Plan, plan_path: str, *, python: str | None = None, nats_u
               "PIDS=()",
               'cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; }',
               "trap cleanup EXIT", "", _WAIT_PORT]
-    if plan.request_plane == "embedded" and nats_url:
+    if plan.nats.embedded and nats_url:
         lines += ["", f"export NATS_SERVER={q(nats_url)}"]
-    elif plan.request_plane == "embedded":
+    elif plan.nats.embedded:
         store = q(os.path.join(plan.run_dir, "nats"))
         log = q(os.path.join(plan.log_dir, "nats-server.log"))
         lines += ["", "# Request plane: an embedded nats-server (JetStream) on the batch host.",
@@ -165,9 +174,9 @@ def emit_sbatch(plan: Plan, plan_path: str, *, python: str | None = None, nats_u
                   "PIDS+=($!)",
                   f'export NATS_SERVER="nats://${{HEAD_NODE}}:{s.nats_port}"',
                   f'wait_port "$HEAD_NODE" {s.nats_port} 30']
-    if plan.discovery == "etcd" and plan.etcd_endpoints == "embedded" and etcd_endpoints:
+    if plan.etcd_embedded and etcd_endpoints:
         lines += ["", f"export ETCD_ENDPOINTS={q(etcd_endpoints)}"]
-    elif plan.discovery == "etcd" and plan.etcd_endpoints == "embedded":
+    elif plan.etcd_embedded:
         data = q(os.path.join(plan.run_dir, "etcd"))
         log = q(os.path.join(plan.log_dir, "etcd.log"))
         p = s.etcd_port
@@ -188,3 +197,23 @@ def emit_sbatch(plan: Plan, plan_path: str, *, python: str | None = None, nats_u
     lines += ["", f"# The world: {plan.world_size} ranks; each takes workers[SLURM_PROCID] from the plan.",
               " ".join('"$PLAN"' if a == "$PLAN" else q(a) for a in srun_line), ""]
     return "\n".join(lines)
+
+
+def emit_script(plan: Plan, plan_path: str, *, nats_url: str | None = None) -> str:
+    """The text `tdist plan --format script` prints and `tdist deploy --dry-run` prints: what deploy runs.
+
+    local: one line per worker, exactly the argv the local launcher starts (with its log);
+    mpirun / srun: the one world command; sbatch: the complete batch script. One function, so
+    the two commands cannot drift apart.
+    """
+    if plan.launcher == "local":
+        lines = ["#!/bin/bash", "# What `tdist deploy` starts (it also supervises, restarts and tears down)."]
+        for w, argv in zip(plan.workers, emit_local(plan, plan_path)):
+            log = w.log_path or os.devnull
+            lines.append(f"{shlex.join(argv)} > {shlex.quote(log)} 2>&1 &  # {w.name}")
+        return "\n".join(lines) + "\n"
+    if plan.launcher == "mpirun":
+        return shlex.join(emit_mpirun(plan, plan_path)) + "\n"
+    if plan.launcher == "srun":
+        return shlex.join(emit_srun(plan, plan_path)) + "\n"
+    return emit_sbatch(plan, plan_path, nats_url=nats_url)

@@ -17,7 +17,7 @@ from tdist.runtime.config import DataPlaneConfig, WorkerConfig
 
 Launcher = Literal["local", "mpirun", "srun", "sbatch"]
 LAUNCHERS: tuple[str, ...] = ("local", "mpirun", "srun", "sbatch")
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: request plane and etcd as typed NatsPlan / EtcdPlan, `embedded` resolved
 
 
 class _Frozen(BaseModel):
@@ -31,6 +31,36 @@ class MpirunPlan(_Frozen):
     oversubscribe: bool = Field(False, description="--oversubscribe")
     extra_args: list[str] = Field(default_factory=list, description="Extra mpirun arguments before the program")
     env_names: list[str] = Field(default_factory=list, description="Variables forwarded from the launching environment (-x NAME)")
+
+
+#: What a graph writes for "tdist starts this server itself" (request_plane, etcd_endpoints).
+EMBEDDED = "embedded"
+
+
+class NatsPlan(_Frozen):
+    """The request plane, resolved: either tdist starts nats-server (embedded) or the graph names one."""
+
+    embedded: bool = Field(description="The launcher (or the batch script) starts nats-server and sets NATS_SERVER")
+    url: str | None = Field(None, description="The graph's NATS URL; None when embedded")
+
+    @classmethod
+    def resolve(cls, request_plane: str) -> "NatsPlan":
+        """The graph's `request_plane` (`embedded` or a URL) → NatsPlan. The one place that reads the word."""
+        return cls(embedded=True) if request_plane == EMBEDDED else cls(embedded=False, url=request_plane)
+
+
+class EtcdPlan(_Frozen):
+    """etcd discovery, resolved: either tdist starts etcd (embedded) or the graph names endpoints."""
+
+    embedded: bool = Field(description="The launcher (or the batch script) starts etcd and sets ETCD_ENDPOINTS")
+    endpoints: list[str] = Field(default_factory=list, description="The graph's endpoints; empty when embedded")
+
+    @classmethod
+    def resolve(cls, etcd_endpoints: "list[str] | str | None") -> "EtcdPlan":
+        """The graph's `etcd_endpoints` (`embedded`, a list, or unset: ETCD_ENDPOINTS) → EtcdPlan."""
+        if etcd_endpoints == EMBEDDED:
+            return cls(embedded=True)
+        return cls(embedded=False, endpoints=list(etcd_endpoints or []))
 
 
 class SrunPlan(_Frozen):
@@ -64,11 +94,9 @@ class Plan(_Frozen):
     launcher: Launcher = Field(description="local | mpirun | srun | sbatch")
     run_dir: str = Field(description="Directory for plan.json, logs and embedded servers' state")
     log_dir: str = Field(description="Directory of the worker logs")
-    request_plane: str = Field(description="`embedded` (the launcher starts nats-server, sets NATS_SERVER) or a NATS URL")
+    nats: NatsPlan = Field(description="The request plane: embedded (started by the launcher) or the graph's URL")
     discovery: Literal["nats", "etcd"] = Field(description="Discovery backend")
-    etcd_endpoints: list[str] | Literal["embedded"] | None = Field(
-        None, description="etcd only: endpoints, or `embedded` (the launcher starts etcd, sets ETCD_ENDPOINTS)"
-    )
+    etcd: EtcdPlan | None = Field(None, description="etcd discovery only: embedded, or the graph's endpoints")
     data_plane: DataPlaneConfig = Field(description="Tensor transport settings (also in every WorkerConfig)")
     world_size: int = Field(description="Ranks mpirun/srun start as one world (workers[0:world_size])")
     nodes: int = Field(description="Nodes in the cluster")
@@ -85,7 +113,17 @@ class Plan(_Frozen):
     @property
     def nats_url(self) -> str | None:
         """The NATS URL the graph names; None when embedded (the launcher starts one, sets NATS_SERVER)."""
-        return None if self.request_plane == "embedded" else self.request_plane
+        return self.nats.url
+
+    @property
+    def request_plane(self) -> str:
+        """The graph's words, for display: `embedded` or the NATS URL."""
+        return EMBEDDED if self.nats.embedded else str(self.nats.url)
+
+    @property
+    def etcd_embedded(self) -> bool:
+        """etcd discovery with an etcd the launcher starts."""
+        return self.discovery == "etcd" and self.etcd is not None and self.etcd.embedded
 
     @property
     def world_workers(self) -> list[WorkerConfig]:

@@ -311,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, TdistError) as exc:
         print(f"tdist worker: bad config: {exc}", file=sys.stderr)
         return 2
+    # The graph's python_path (config.env PYTHONPATH) comes first even when the launching
+    # environment has a PYTHONPATH of its own (ranks of a world inherit mpirun's environment).
+    for entry in reversed([e for e in config.env.get("PYTHONPATH", "").split(os.pathsep) if e]):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
     _apply_placement(config)
     try:
         return asyncio.run(_amain(config))

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tdist.launch.rundir import RunState, pid_alive
+from tdist.launch.rundir import RunRecord
+from tdist.runtime.process_identity import process_alive
 from tests.conftest import REPO
 
 TDIST = [sys.executable, "-m", "tdist"]
@@ -37,8 +38,8 @@ def test_deploy_infer_status_stop_hello_world(cli_env: dict[str, str], tdist_hom
     state_file = tdist_home / "runs" / "hw-cli" / "state.json"
     try:
         assert dep.returncode == 0, dep.stdout + dep.stderr
-        state = RunState.load(state_file)
-        assert state.state == "ready" and state.nats_embedded
+        state = RunRecord.load(state_file)
+        assert state.state == "ready" and state.nats.embedded
 
         inf = run(["infer", "--component", "encoder_decoder", "--input", "input=[1,2,3]"], cli_env)
         assert inf.returncode == 0, inf.stderr
@@ -60,10 +61,10 @@ def test_deploy_infer_status_stop_hello_world(cli_env: dict[str, str], tdist_hom
     finally:
         stop = run(["stop"], cli_env)
     assert stop.returncode == 0, stop.stderr
-    state = RunState.load(state_file)
+    state = RunRecord.load(state_file)
     assert state.state == "stopped"
-    pids = [w.pid for w in state.workers.values()] + [state.nats_pid, state.supervisor_pid]
-    assert not [p for p in pids if pid_alive(p)], "processes left behind"
+    pids = [w.pid for w in state.workers.values()] + [state.nats.process.pid, state.supervisor.pid]
+    assert not [p for p in pids if process_alive(p, None)], "processes left behind"
     # with nothing running, status says so and exits non-zero
     none = run(["status"], cli_env)
     assert none.returncode != 0 and "no running deployment" in none.stderr
@@ -109,9 +110,9 @@ def test_foreground_deploy_stops_everything_on_ctrl_c(cli_env: dict[str, str], t
             proc.kill()
     assert proc.returncode == 0
     assert "stopped hw-fg" in rest
-    state = RunState.load(tdist_home / "runs" / "hw-fg" / "state.json")
+    state = RunRecord.load(tdist_home / "runs" / "hw-fg" / "state.json")
     assert state.state == "stopped"
-    assert not [p for p in [w.pid for w in state.workers.values()] + [state.nats_pid] if pid_alive(p)]
+    assert not [p for p in [w.pid for w in state.workers.values()] + [state.nats.process.pid] if process_alive(p, None)]
 
 
 def test_status_fails_when_a_component_has_no_ready_worker(cli_env: dict[str, str], tdist_home: Path) -> None:
@@ -121,7 +122,7 @@ def test_status_fails_when_a_component_has_no_ready_worker(cli_env: dict[str, st
     dep = run(["deploy", str(graph), "--detach", "--name", "hw-dead", "--no-restart"], cli_env)
     try:
         assert dep.returncode == 0, dep.stderr
-        state = RunState.load(tdist_home / "runs" / "hw-dead" / "state.json")
+        state = RunRecord.load(tdist_home / "runs" / "hw-dead" / "state.json")
         os.kill(state.workers["decoder.0"].pid, signal.SIGKILL)
         # each status call reads discovery afresh; the dead worker turns stale within a few heartbeats
         for _ in range(60):
@@ -147,8 +148,8 @@ def test_local_deploy_with_embedded_etcd_discovery(cli_env: dict[str, str], tdis
     dep = run(["deploy", str(graph), "--detach", "--name", "hw-etcd"], cli_env)
     try:
         assert dep.returncode == 0, dep.stderr
-        state = RunState.load(tdist_home / "runs" / "hw-etcd" / "state.json")
-        assert state.discovery == "etcd" and state.etcd_endpoints and pid_alive(state.etcd_pid)
+        state = RunRecord.load(tdist_home / "runs" / "hw-etcd" / "state.json")
+        assert state.discovery == "etcd" and state.etcd.endpoints and process_alive(state.etcd.process.pid, None)
         inf = run(["infer", "-c", "encoder_decoder", "-i", "input=[5,6]"], cli_env)
         assert "output: [5, 6]" in inf.stdout, inf.stderr
         st = run(["status", "--json"], cli_env)
@@ -156,4 +157,4 @@ def test_local_deploy_with_embedded_etcd_discovery(cli_env: dict[str, str], tdis
     finally:
         stop = run(["stop"], cli_env)
     assert stop.returncode == 0, stop.stderr
-    assert not pid_alive(state.etcd_pid)
+    assert not process_alive(state.etcd.process.pid, None)

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tdist.launch.rundir import RunState, pid_alive
+from tdist.launch.rundir import RunRecord
+from tdist.runtime.process_identity import process_alive
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI not installed (scripts/setup.d/10-mpi-slurm.sh)"),
@@ -58,11 +59,11 @@ def env(tmp_path: Path) -> dict[str, str]:
 def wait_dead(pids: list[int], timeout_s: float = 20) -> list[int]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        alive = [p for p in pids if pid_alive(p)]
+        alive = [p for p in pids if process_alive(p, None)]
         if not alive:
             return []
         time.sleep(0.1)
-    return [p for p in pids if pid_alive(p)]
+    return [p for p in pids if process_alive(p, None)]
 
 
 def test_dry_run_prints_exactly_the_plan_command(env: dict[str, str], tmp_path: Path) -> None:
@@ -85,10 +86,10 @@ def _deploy_infer_status_stop(env: dict[str, str], graph: Path, name: str, *, di
     state_file = run_dir / "state.json"
     try:
         assert dep.returncode == 0, dep.stdout + dep.stderr
-        state = RunState.load(state_file)
+        state = RunRecord.load(state_file)
         assert state.state == "ready" and state.launcher == "mpirun" and state.discovery == discovery
-        world_pid = int(state.extra["world_pid"])
-        assert pid_alive(world_pid)
+        world_pid = state.world.pid
+        assert process_alive(world_pid, None)
 
         inf = tdist(["infer", "--component", "encoder_decoder", "--input", "input=[1,2,3]"], env)
         assert inf.returncode == 0, inf.stderr
@@ -101,7 +102,7 @@ def _deploy_infer_status_stop(env: dict[str, str], graph: Path, name: str, *, di
         assert sorted(w["rank"] for w in workers) == [0, 1, 2]
         assert all(w["state"] == "ready" and w["host"] for w in workers)
         rank_pids = [int(w["pid"]) for w in workers]
-        assert all(pid_alive(p) for p in rank_pids)
+        assert all(process_alive(p, None) for p in rank_pids)
 
         # Each rank's log is in the run directory, named after its worker.
         for w in workers:
@@ -111,9 +112,9 @@ def _deploy_infer_status_stop(env: dict[str, str], graph: Path, name: str, *, di
     finally:
         stop = tdist(["stop"], env, timeout=120)
     assert stop.returncode == 0, stop.stdout + stop.stderr
-    final = RunState.load(state_file)
+    final = RunRecord.load(state_file)
     assert final.state == "stopped"
-    pids = rank_pids + [world_pid] + [p for p in (final.nats_pid, final.supervisor_pid, final.etcd_pid) if p]
+    pids = rank_pids + [world_pid] + [r.pid for r in (final.nats.process, final.supervisor, final.etcd.process) if r]
     assert wait_dead(pids) == []
     for w in workers:
         assert f"worker {w['name']} stopped" in (run_dir / "logs" / f"{w['name']}.log").read_text()
@@ -141,10 +142,10 @@ def test_rank_that_cannot_start_fails_deploy_with_its_log(env: dict[str, str], t
     assert dep.returncode != 0
     assert "NoSuchOperator" in dep.stderr + dep.stdout
     assert "Traceback" not in dep.stderr
-    state = RunState.load(Path(env["TDIST_HOME"]) / "runs" / "hw-mpi-bad" / "state.json")
+    state = RunRecord.load(Path(env["TDIST_HOME"]) / "runs" / "hw-mpi-bad" / "state.json")
     assert state.state == "failed"
-    pids = [p for p in (state.extra.get("world_pid"), state.nats_pid, state.supervisor_pid) if p]
-    assert wait_dead([int(p) for p in pids]) == []
+    pids = [p for p in (state.world, state.nats.process, state.supervisor) if p]
+    assert wait_dead([p.pid for p in pids]) == []
 
 
 def test_service_worker_beside_the_world_serves_kserve(env: dict[str, str], tmp_path: Path) -> None:
@@ -175,7 +176,7 @@ def test_service_worker_beside_the_world_serves_kserve(env: dict[str, str], tmp_
         st = json.loads(tdist(["status", "--json"], env).stdout)
         ranks = {w["name"]: w["rank"] for c in st["components"].values() for w in c["workers"]}
         assert ranks == {"encoder.0": 0, "decoder.0": 1, "encoder_decoder.0": 2, "kserve.0": None}
-        svc_pid = RunState.load(Path(env["TDIST_HOME"]) / "runs" / "hw-mpi-svc" / "state.json").workers["kserve.0"].pid
+        svc_pid = RunRecord.load(Path(env["TDIST_HOME"]) / "runs" / "hw-mpi-svc" / "state.json").workers["kserve.0"].pid
     finally:
         stop = tdist(["stop"], env, timeout=120)
     assert stop.returncode == 0, stop.stderr

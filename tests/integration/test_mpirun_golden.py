@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tdist.cli.multinode_cmds import render_command
-from tdist.plan import Plan, build_plan
+from tdist.plan import Plan, build_plan, emit_script
 from tdist.runtime.worker import config_from_plan
 from tdist.spec import load_graph
 
@@ -31,6 +30,11 @@ GRAPH = "trtllm_disagg.yaml"
 def _plan(launcher: str) -> Plan:
     spec = load_graph(ROOT / "graphs" / GRAPH).relocated("/repo/graphs", f"graphs/{GRAPH}")
     return build_plan(spec, launcher=launcher, run_dir="/run")
+
+
+def render_command(plan: Plan) -> str:
+    """What `tdist deploy --dry-run` prints for the plan (its run directory's plan.json)."""
+    return emit_script(plan, os.path.join(plan.run_dir, "plan.json"))
 
 
 def _check(name: str, text: str) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tdist.launch.rundir import RunState, pid_alive
+from tdist.launch.rundir import RunRecord
+from tdist.runtime.process_identity import process_alive
 from tdist.runtime.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -99,9 +100,9 @@ def check_running_deployment(env: dict[str, str], run_dir: Path) -> list[int]:
 
 def wait_dead(pids: list[int], timeout_s: float = 30) -> list[int]:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(process_alive(p, None) for p in pids):
         time.sleep(0.1)
-    return [p for p in pids if pid_alive(p)]
+    return [p for p in pids if process_alive(p, None)]
 
 
 def test_sbatch_dry_run_prints_the_plan_script(env: dict[str, str], tmp_path: Path) -> None:
@@ -125,27 +126,27 @@ def test_hello_world_submitted_with_sbatch(env: dict[str, str], tmp_path: Path, 
     state_file = run_dir / "state.json"
     try:
         assert dep.returncode == 0, dep.stdout + dep.stderr
-        state = RunState.load(state_file)
-        assert state.launcher == "sbatch" and state.state == "ready" and state.job_id
+        state = RunRecord.load(state_file)
+        assert state.launcher == "sbatch" and state.state == "ready" and state.slurm.job_id
         assert state.discovery == discovery
         if discovery == "etcd":  # the batch script's etcd on the batch host
-            assert state.etcd_endpoints and state.etcd_endpoints[0].startswith("http://")
-        assert f"submitted batch job {state.job_id}" in dep.stdout
-        assert squeue(env) == [state.job_id]
+            assert state.etcd.endpoints and state.etcd.endpoints[0].startswith("http://")
+        assert f"submitted batch job {state.slurm.job_id}" in dep.stdout
+        assert squeue(env) == [state.slurm.job_id]
         assert (run_dir / "job.sbatch").read_text().startswith("#!/bin/bash")
         rank_pids = check_running_deployment(env, run_dir)
     finally:
         stop = tdist(["stop"], env, timeout=120)
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert squeue(env) == []
-    assert RunState.load(state_file).state == "stopped"
+    assert RunRecord.load(state_file).state == "stopped"
     assert wait_dead(rank_pids) == []
     # Each rank's log, split from the job's labelled output, is in the run directory.
     for name in ("encoder.0", "decoder.0", "encoder_decoder.0"):
         text = (run_dir / "logs" / f"{name}.log").read_text()
         assert f"tdist worker ready: {name}" in text
         assert f"worker {name} stopped" in text  # drained, not killed
-    assert (run_dir / "logs" / f"slurm-{state.job_id}.out").exists()
+    assert (run_dir / "logs" / f"slurm-{state.slurm.job_id}.out").exists()
     after = tdist(["status"], env)
     assert after.returncode != 0
 
@@ -157,7 +158,7 @@ def test_hello_world_as_an_srun_step(env: dict[str, str], tmp_path: Path) -> Non
     state_file = run_dir / "state.json"
     try:
         assert dep.returncode == 0, dep.stdout + dep.stderr
-        state = RunState.load(state_file)
+        state = RunRecord.load(state_file)
         assert state.launcher == "srun" and state.state == "ready"
         assert len(squeue(env)) == 1  # srun outside an allocation made its own job
         rank_pids = check_running_deployment(env, run_dir)
@@ -165,7 +166,7 @@ def test_hello_world_as_an_srun_step(env: dict[str, str], tmp_path: Path) -> Non
         stop = tdist(["stop"], env, timeout=120)
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert squeue(env) == []
-    assert wait_dead(rank_pids + [int(state.extra["world_pid"]), state.supervisor_pid, state.nats_pid]) == []
+    assert wait_dead(rank_pids + [state.world.pid, state.supervisor.pid, state.nats.process.pid]) == []
     for name in ("encoder.0", "decoder.0", "encoder_decoder.0"):
         text = (run_dir / "logs" / f"{name}.log").read_text()
         assert f"worker {name} stopped" in text
@@ -192,5 +193,5 @@ def test_srun_inside_an_salloc_allocation(env: dict[str, str], tmp_path: Path) -
     assert "output: [9, 8]" in (tmp_path / "infer.out").read_text()
     assert squeue(env) == []
     run_dir = Path(env["TDIST_HOME"]) / "runs" / "hw-alloc"
-    assert RunState.load(run_dir / "state.json").job_id == job
+    assert RunRecord.load(run_dir / "state.json").slurm.job_id == job
     assert "worker encoder.0 stopped" in (run_dir / "logs" / "encoder.0.log").read_text()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tdist.errors import InvalidName, LaunchError, SpecErrors
-from tdist.launch.rundir import KEEP_PREVIOUS_RUNS, RunState, prepare_run_dir, run_dir_for
+from tdist.launch.rundir import KEEP_PREVIOUS_RUNS, ProcessRecord, RunRecord, prepare_run_dir, run_dir_for
 from tdist.names import NAME_MAX_LEN, is_valid_name, suggest_name
 from tdist.spec import load_graph
 
@@ -50,7 +50,7 @@ def test_run_dir_is_a_direct_child_of_runs(home: Path) -> None:
 def _fake_run(path: Path, marker: str) -> None:
     (path / "logs").mkdir(parents=True, exist_ok=True)
     (path / "logs" / "w.log").write_text(marker)
-    RunState(deployment=path.name, run_dir=str(path), state="stopped").save()
+    RunRecord(deployment=path.name, run_dir=str(path), plan_path=str(path / "plan.json"), state="stopped").save()
 
 
 def test_redeploy_moves_the_previous_run_aside_and_keeps_a_bounded_number(home: Path) -> None:
@@ -84,7 +84,8 @@ def test_redeploy_never_follows_a_symlinked_run_dir(home: Path, tmp_path: Path) 
 
 def test_a_live_run_is_not_moved(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir, _ = prepare_run_dir("hw")
-    RunState(deployment="hw", run_dir=str(run_dir), state="ready", supervisor_pid=os.getpid()).save()
+    RunRecord(deployment="hw", run_dir=str(run_dir), plan_path=str(run_dir / "plan.json"), state="ready",
+              supervisor=ProcessRecord.of(os.getpid())).save()
     with pytest.raises(LaunchError, match="already running"):
         prepare_run_dir("hw")
     assert (run_dir / "state.json").exists()

@@ -202,3 +202,20 @@ _worker = st.builds(
 def test_worker_config_survives_a_json_round_trip(cfg: WorkerConfig):
     assert WorkerConfig.from_json(cfg.to_json()) == cfg
     assert WorkerConfig.model_validate(json.loads(cfg.model_dump_json())) == cfg
+
+
+def test_embedded_is_resolved_once_into_typed_plan_fields(plan: Plan):
+    """`embedded` is a word of the graph; the plan carries booleans and URLs that launch/ and emit use."""
+    assert plan.nats.embedded is False and plan.nats.url == "nats://nats.example:4222"
+    assert plan.etcd is not None and plan.etcd.embedded is False and plan.etcd.endpoints == ["http://e1:2379"]
+    assert plan.etcd_embedded is False
+    text = (ROOT / "graphs" / "hello_world_python.yaml").read_text()
+    embedded = parse_graph(text.replace("discovery: nats", "discovery: {kind: etcd, etcd_endpoints: embedded}"),
+                           file=str(ROOT / "graphs" / "x.yaml"))
+    p = build_plan(embedded, run_dir="/run")
+    assert p.nats.embedded is True and p.nats.url is None
+    assert p.etcd is not None and p.etcd.embedded is True and p.etcd.endpoints == [] and p.etcd_embedded
+    assert all(w.discovery.etcd_endpoints == [] for w in p.workers)  # the launcher's etcd, via ETCD_ENDPOINTS
+    dumped = json.loads(p.model_dump_json())
+    assert "embedded" not in (dumped["nats"]["url"], dumped["etcd"]["endpoints"])  # no sentinel string left in the plan
+    assert build_plan(load_graph(ROOT / "graphs" / "hello_world_python.yaml"), run_dir="/run").etcd is None

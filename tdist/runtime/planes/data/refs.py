@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tdist.errors import DataPlaneError
+from tdist.runtime.process_identity import process_alive, process_start, self_identity  # noqa: F401 - the data plane's names
 
 REF_VERSION = 1
 SHM_DIR = "/dev/shm"
@@ -52,49 +53,6 @@ def host_id() -> str:
         pidns = "-"
     raw = "|".join((_read("/proc/sys/kernel/random/boot_id"), socket.gethostname(), shm, pidns))
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
-
-
-def process_start(pid: int) -> int | None:
-    """Start time of a process in clock ticks since boot (/proc/<pid>/stat field 22); None if gone.
-
-    With the pid it names one process for good: a recycled pid has another start time."""
-    text = _read(f"/proc/{pid}/stat")
-    if not text:
-        return None
-    try:
-        return int(text.rsplit(")", 1)[1].split()[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def process_alive(pid: int, start: int | None) -> bool:
-    now = process_start(pid)
-    if now is None:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return start is None  # alive but /proc unreadable: trust the pid
-    return start is None or now == start
-
-
-@functools.lru_cache(maxsize=1)
-def _self_start() -> int | None:
-    return process_start(os.getpid())
-
-
-def self_identity() -> tuple[int, int | None]:
-    """(pid, start) of this process; recomputed after fork."""
-    pid = os.getpid()
-    if _cached_pid[0] != pid:
-        _self_start.cache_clear()
-        _cached_pid[0] = pid
-    return pid, _self_start()
-
-
-_cached_pid = [0]
 
 
 def is_ref(wire: Any) -> bool:
