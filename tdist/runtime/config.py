@@ -1,7 +1,7 @@
 """WorkerConfig: the contract between `plan` and the runtime.
 
-A worker process starts from `python -m tdist.runtime.worker --config worker.json`; everything it
-needs is in this plain data (no code, no live objects), so every WorkerConfig survives a JSON
+A worker process starts from `python -m tdist.runtime.worker --plan plan.json --rank N` and takes
+`workers[N]` of the plan; everything it needs is in this plain data (no code, no live objects), so every WorkerConfig survives a JSON
 round trip (`WorkerConfig.model_validate_json(cfg.model_dump_json()) == cfg`).
 The runtime never imports spec/plan/launch/cli: this module is the only shape they share.
 """

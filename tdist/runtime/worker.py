@@ -1,4 +1,7 @@
-"""The worker process: `python -m tdist.runtime.worker --config worker.json` (or `--plan plan.json`).
+"""The worker process: `python -m tdist.runtime.worker --plan plan.json --rank N`.
+
+Every launcher starts exactly that (mpirun and srun give the rank in the environment instead of
+`--rank`); `--config worker.json` runs one WorkerConfig outside any plan (a test, a debug session).
 
 Connects the planes, constructs and starts its operators, serves their requests, registers
 in discovery (state starting → ready → draining) with a heartbeat, serves Prometheus metrics,

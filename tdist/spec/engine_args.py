@@ -32,7 +32,7 @@ from tdist.spec.problem import Loc, Problem
 ENGINE_SOURCES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "vllm": ("vllm", os.path.join("engine", "arg_utils.py"), ("EngineArgs", "AsyncEngineArgs")),
 }
-#: engine_args keys tdist itself reads (tdist/operators/llm_common.py: a file of engine args)
+#: engine_args keys tdist itself reads (tdist/operators/llm/llm_common.py: a file of engine args)
 TDIST_KEYS = frozenset({"config"})
 
 

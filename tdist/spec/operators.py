@@ -32,7 +32,7 @@ def _only(*protocols: str) -> dict[str, Any]:
 
 
 class RouterParameters(SpecModel):
-    """`kind: router` settings (tdist/operators/router.py, disagg.py, kv_routing.py)."""
+    """`kind: router` settings (tdist/operators/routing/: router.py, disagg.py, kv_routing.py)."""
 
     policy: Literal["round_robin", "least_loaded", "prefix", "kv"] = Field(
         "round_robin", description="How an instance is picked: round_robin, least_loaded, prefix (same prompt "
@@ -91,7 +91,7 @@ class TritonParameters(SpecModel):
 
 
 class LLMParameters(SpecModel):
-    """Settings every LLM operator reads (tdist/operators/llm_common.py)."""
+    """Settings every LLM operator reads (tdist/operators/llm/llm_common.py)."""
 
     default_max_tokens: int = Field(16, ge=1, description="max_tokens of a request that names none")
     served_model_name: str | None = Field(
@@ -100,11 +100,11 @@ class LLMParameters(SpecModel):
 
 
 class TrtllmParameters(LLMParameters):
-    """`kind: trtllm` settings (tdist/operators/trtllm.py)."""
+    """`kind: trtllm` settings (tdist/operators/llm/trtllm.py)."""
 
 
 class VllmParameters(LLMParameters):
-    """`kind: vllm` settings (tdist/operators/vllm.py, disagg.py; docs/llm.md)."""
+    """`kind: vllm` settings (tdist/operators/llm/vllm.py, routing/disagg.py; docs/llm.md)."""
 
     engine_nice: int | None = Field(None, ge=-20, le=19, description="Niceness of the engine's processes (default: 10 on CPU, 0 on GPUs)")
     cpu_bind: str | None = Field(None, description='CPU cores for the engine\'s threads: "replica" (core replica % cores) or a list '
