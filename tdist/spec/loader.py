@@ -1,7 +1,7 @@
 """Reading a graph YAML into a validated `GraphSpec`, with errors a person can act on.
 
-The file is parsed twice: once into plain data, once into PyYAML's node tree, whose marks give a
-line and column for every key and value. Pydantic's errors and the cross-field checks then come
+The text becomes plain data and the line/column of every key and value in tdist/spec/source.py,
+within the limits of tdist/spec/limits.py (size, depth, aliases; docs/security.md). Pydantic's errors and the cross-field checks then come
 back as `SpecError`s naming the YAML path (`workers[1].operators`), what was found, the rule and
 the fix ("did you mean 'replicas'?" for unknown keys; "only applies to kind frontend" for a key of
 another operator kind). The only I/O is reading the graph file, the layout file it may reference

@@ -10,8 +10,8 @@ Python's int-string limit. So the text goes through, in order:
    nodes it expands to and how deep it reaches — so the nesting depth and the node count are
    known *with aliases expanded* before anything expands them; a recursive alias is refused;
 3. the node tree (libyaml's composer when installed: ten times faster than PyYAML's own), the
-   marks walk (merge keys `<<:` included) and the construction of plain data, whose integer and
-   date conversions refuse what Python cannot convert.
+   marks walk (merge keys `<<:` included) and the construction of plain data: JSON's types only
+   (no dates, sets, binary), and conversions that refuse what Python cannot convert.
 
 Every refusal is a `SpecError` naming the file, line, what was found, the limit and the fix. A
 layout file (`hide=True`) is another file the graph names: its content never appears in an
@@ -221,8 +221,21 @@ class _Refused(Exception):
         self.got, self.rule, self.hint, self.mark = got, rule, hint, mark
 
 
+#: what PyYAML's converters raise on a value an explicit tag forces on them (`!!int ""`, `!!bool maybe`)
+_CONVERSION_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError)
+
+
 class _Conversions:
     """Conversions that refuse instead of raising Python's own errors (mixed into the safe loaders)."""
+
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)  # type: ignore[misc]
+        except _CONVERSION_ERRORS as exc:
+            tag = str(node.tag).replace("tag:yaml.org,2002:", "!!")
+            raise _Refused(short(node.value) if isinstance(node, ScalarNode) else tag,
+                           f"cannot read this value as {tag} ({type(exc).__name__})",
+                           "fix the value, or drop the explicit tag (quote it to make it a string)", node.start_mark) from None
 
     def construct_yaml_int(self, node: ScalarNode) -> int:
         value = str(node.value)
@@ -231,12 +244,16 @@ class _Conversions:
                            "write a smaller number, or quote it to make it a string", node.start_mark)
         return super().construct_yaml_int(node)  # type: ignore[misc]
 
-    def construct_yaml_timestamp(self, node: ScalarNode) -> Any:
-        try:
-            return super().construct_yaml_timestamp(node)  # type: ignore[misc]
-        except (ValueError, OverflowError) as exc:
-            raise _Refused(node.value, f"not a valid date or time ({exc})", "fix the date, or quote it to make it a string",
-                           node.start_mark) from None
+    def construct_not_json(self, node: Node) -> Any:
+        """Dates, sets, binary and ordered pairs: a graph becomes JSON (worker configs), which has none."""
+        what = _NOT_JSON[str(node.tag).rsplit(":", 1)[-1]]
+        raise _Refused(short(node.value) if isinstance(node, ScalarNode) else what, f"{what} is not a graph value "
+                       "(graphs hold strings, numbers, true/false, null, lists and mappings)",
+                       "quote it to make it a string", node.start_mark)
+
+
+_NOT_JSON = {"timestamp": "a date or time", "set": "a set (!!set)", "binary": "binary data (!!binary)",
+             "omap": "an ordered map (!!omap)", "pairs": "a list of pairs (!!pairs)"}
 
 
 class PythonLoader(_Conversions, yaml.SafeLoader):
@@ -251,7 +268,8 @@ if getattr(yaml, "__with_libyaml__", False):
     LOADERS["libyaml"] = LibyamlLoader
 for _cls in LOADERS.values():
     _cls.add_constructor("tag:yaml.org,2002:int", _cls.construct_yaml_int)
-    _cls.add_constructor("tag:yaml.org,2002:timestamp", _cls.construct_yaml_timestamp)
+    for _tag in _NOT_JSON:
+        _cls.add_constructor(f"tag:yaml.org,2002:{_tag}", _cls.construct_not_json)
 _Loader: type = LOADERS.get("libyaml", PythonLoader)
 
 
@@ -348,6 +366,9 @@ def read_yaml(text: str, file: str | None, *, limits: L.Limits | None = None, hi
             raise _at_mark(file, getattr(exc, "problem_mark", None), f"more than {limits.max_depth} levels",
                            f"nesting deeper than {limits.max_depth} levels", _too_deep(limits, "", "", None).hint) from None
         raise _syntax_error(exc, text, file, hide) from None
+    except _CONVERSION_ERRORS as exc:  # raised outside any one value's conversion
+        raise SpecError("", HIDDEN if hide else type(exc).__name__, "cannot read the YAML document",
+                        "simplify the document: plain mappings, lists and scalars", file=file) from None
     except RecursionError:  # the depth limit keeps this away unless it was raised past what Python allows
         raise SpecError("", f"more than {limits.max_depth} levels", "nesting too deep to read",
                         f"flatten the structure, or lower {L.ENV_MAX_DEPTH}", file=file) from None
