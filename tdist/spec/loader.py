@@ -21,7 +21,8 @@ from pydantic import BaseModel, ValidationError
 from tdist.errors import SpecError, SpecErrors
 from tdist.spec import limits as L
 from tdist.spec.models import DisaggLayoutFile, GraphSpec
-from tdist.spec.source import Marks, format_path, read_text, read_yaml, short
+from tdist.spec.marks import Marks, format_path, short
+from tdist.spec.source import read_text, read_yaml
 from tdist.spec.typewalk import child, clean_loc, data_at, field_names, model_at, tag_map, type_at
 
 Loc = tuple[str | int, ...]

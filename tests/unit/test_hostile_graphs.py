@@ -304,12 +304,11 @@ def test_parse_graph_refuses_a_lone_surrogate():
         parse_graph("name: g\ud800\n", file="g.yaml", base_dir="/base")
 
 
-def test_alias_bomb_costs_little(monkeypatch):
+def test_alias_bomb_costs_little():
     """The figure docs/security.md quotes: the bomb is refused in well under a second."""
     import time
 
     t0 = time.perf_counter()
     with pytest.raises(SpecError):
         parse_graph(_bomb(), file="g.yaml", base_dir="/base")
-    assert time.perf_counter() - t0 < 10  # generous for a loaded 2-core machine; measured ~0.2 s
-    assert ROOT.is_dir()
+    assert time.perf_counter() - t0 < 10  # generous for a loaded 2-core machine; measured 0.1 s
