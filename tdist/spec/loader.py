@@ -1,11 +1,12 @@
 """Reading a graph YAML into a validated `GraphSpec`, with errors a person can act on.
 
 The text becomes plain data and the line/column of every key and value in tdist/spec/source.py,
-within the limits of tdist/spec/limits.py (size, depth, aliases; docs/security.md). Pydantic's errors and the cross-field checks then come
-back as `SpecError`s naming the YAML path (`workers[1].operators`), what was found, the rule and
-the fix ("did you mean 'replicas'?" for unknown keys; "only applies to kind frontend" for a key of
-another operator kind). The only I/O is reading the graph file, the layout file it may reference
-(`llm.layout_file`) and, for the engine-args check, the installed engine's source.
+within the limits of tdist/spec/limits.py (size, depth, aliases: docs/security.md). Pydantic's
+errors and the cross-field checks then come back as `SpecError`s naming the YAML path
+(`workers[1].operators`), what was found, the rule and the fix ("did you mean 'replicas'?" for
+unknown keys; "only applies to kind frontend" for a key of another operator kind). The only I/O
+is reading the graph file, the layout file it may reference (`llm.layout_file`, confined to the
+graph's directory) and, for the engine-args check, the installed engine's source.
 """
 
 from __future__ import annotations
