@@ -29,10 +29,14 @@ HIDDEN = _Hidden()
 
 
 def format_path(loc: Loc) -> str:
-    """('workers', 1, 'operators') → 'workers[1].operators'."""
+    """('workers', 1, 'operators') → 'workers[1].operators'. A key with control characters is
+    shown escaped ('\\x1b[31m'): printed raw, a key could drive the user's terminal."""
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        text = str(part)
+        if not text.isprintable():
+            text = repr(text)
+        out += f"[{text}]" if isinstance(part, int) else (f".{text}" if out else text)
     return out
 
 

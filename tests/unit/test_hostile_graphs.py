@@ -123,6 +123,7 @@ CASES = [
     Case("bad-limit-setting", GOOD, ("TDIST_GRAPH_MAX_NODES must be a positive whole number",),
          env={L.ENV_MAX_NODES: "lots"}),
     Case("infinite-timeout", GOOD + "request_plane: {default_timeout_s: .inf}\n", ("request_plane.default_timeout_s", "finite")),
+    Case("escape-sequence-in-key", GOOD + '"\\e]0;owned\\a\\e[31mzz": 1\n', ("unknown key", "\\x1b[31mzz"), hidden="\x1b"),
     Case("many-errors", GOOD + "".join(f"zz{i}: 1\n" for i in range(500)), ("more problems than the 100 shown", "400 more")),
     # trailing newlines: a `$`-anchored re.match would let each through
     Case("newline-graph-name", GOOD.replace("name: g\n", 'name: "g\\n"\n'), ("name: String should match pattern",)),
