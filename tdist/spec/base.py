@@ -13,6 +13,12 @@ LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 
 class SpecModel(BaseModel):
-    """Base of every spec model: immutable, unknown keys rejected (the loader adds "did you mean")."""
+    """Base of every spec model: immutable, unknown keys rejected (the loader adds "did you mean").
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    `pattern=` constraints run on pydantic's Rust regex engine, pinned here: there `$` is the end of
+    the text, so `^...$` is a full match (Python's `re.match(r"...$")` would let a trailing newline
+    through). Floats are finite: `.inf` / `.nan` in a timeout or fraction is a mistake, and the plan
+    converts some of them to integers."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, regex_engine="rust-regex",
+                              allow_inf_nan=False)

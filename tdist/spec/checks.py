@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 
+from tdist.spec.limits import MAX_PROCESSES
 from tdist.spec.models import GraphSpec
 from tdist.spec.operators import (
     LLM_KINDS,
@@ -29,7 +30,7 @@ from tdist.spec.placement import (
 )
 from tdist.spec.problem import Problem
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # fullmatch: `$` would let "NAME\n" through
 
 
 def _did_you_mean(name: str, known: list[str], what: str) -> str:
@@ -156,7 +157,7 @@ def _check_workers(spec: GraphSpec) -> Iterator[Problem]:
             yield Problem(loc + ("node",), pl.node, f"node index out of range (cluster.nodes is {cluster.nodes})",
                           f"use 0..{cluster.nodes - 1} or raise cluster.nodes")
         for k in w.env:
-            if not _ENV_NAME.match(k):
+            if not _ENV_NAME.fullmatch(k):
                 yield Problem(("workers", i, "env", k), k, "not a valid environment variable name", "use letters, digits and _", True)
     for i, op in enumerate(spec.operators):
         if op.name not in hosted and op.name not in templates:
@@ -338,7 +339,7 @@ def _check_misc(spec: GraphSpec) -> Iterator[Problem]:
         yield Problem(("discovery", "etcd_endpoints"), d.etcd_endpoints, "etcd_endpoints only applies with kind: etcd",
                       "set discovery.kind: etcd, or remove etcd_endpoints", True)
     for k in spec.env:
-        if not _ENV_NAME.match(k):
+        if not _ENV_NAME.fullmatch(k):
             yield Problem(("env", k), k, "not a valid environment variable name", "use letters, digits and _", True)
     for i, p in enumerate(spec.python_path):
         if not p.strip():
@@ -353,8 +354,20 @@ def _check_misc(spec: GraphSpec) -> Iterator[Problem]:
         yield Problem(("workers",), [], "the graph starts no processes", "add workers: (and/or an llm section)")
 
 
+def _largest_group(spec: GraphSpec) -> tuple[str | int, ...]:
+    """Where most of the processes come from (a worker's replicas or a server set)."""
+    sizes: list[tuple[int, tuple[str | int, ...]]] = [(w.replicas, ("workers", i, "replicas")) for i, w in enumerate(spec.workers)]
+    for k, _r, s in spec.llm.server_sets() if spec.llm else []:
+        sizes.append((s.num_instances * processes_per_instance(spec, k, s), ("llm", k)))
+    return max(sizes, key=lambda x: x[0])[1] if sizes else ()
+
+
 def check_graph(spec: GraphSpec) -> list[Problem]:
     """All cross-field problems of a schema-valid graph (empty list: the graph is good)."""
+    count = _process_count(spec)
+    if count > MAX_PROCESSES:  # before anything visits every process
+        return [Problem(_largest_group(spec), f"{count:,} processes", f"more than {MAX_PROCESSES:,} processes in one graph",
+                        "lower replicas / num_instances / tp_size x pp_size")]
     problems: list[Problem] = []
     for check in (_check_names, _check_operators, _check_workers, _check_llm, _check_server_sets, _check_ports, _check_misc):
         problems.extend(check(spec))

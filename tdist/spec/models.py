@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, PrivateAttr, field_validator, model_validator
 
 from tdist.names import NAME_PATTERN  # names become subjects, streams and run directories
+from tdist.spec import limits as L
 from tdist.spec.base import SpecModel
 from tdist.spec.operators import OperatorSpec  # one model per operator kind (tdist/spec/operators.py)
 
@@ -39,7 +40,7 @@ class RequestPlaneSpec(SpecModel):
     @field_validator("url")
     @classmethod
     def _check_url(cls, v: str) -> str:
-        if v != "embedded" and not re.match(r"^(nats|tls)://[^\s/]+$", v):
+        if v != "embedded" and not re.fullmatch(r"(nats|tls)://[^\s/]+", v):
             raise ValueError("must be `embedded` or a URL like nats://host:4222")
         return v
 
@@ -84,7 +85,7 @@ class DiscoverySpec(SpecModel):
             if not v:
                 raise ValueError("must list at least one endpoint, or be `embedded`")
             for ep in v:
-                if not re.match(r"^https?://[^\s/]+$", ep):
+                if not re.fullmatch(r"https?://[^\s/]+", ep):
                     raise ValueError(f"endpoint {ep!r} must look like http://host:2379")
         return v
 
@@ -95,7 +96,7 @@ class DiscoverySpec(SpecModel):
 class PlacementSpec(SpecModel):
     """Where one worker process runs and which devices it sees."""
 
-    gpus: int = Field(0, ge=0, description="GPUs per process; tdist picks which (0: CPU only)")
+    gpus: int = Field(0, ge=0, le=L.MAX_GPUS_PER_NODE, description="GPUs per process; tdist picks which (0: CPU only)")
     gpu_ids: list[int] | None = Field(None, description="Exact GPU ids per process instead of a count")
     gpu_fraction: float | None = Field(
         None, gt=0, le=1, description="Share of each GPU a process uses; processes may share a GPU up to 1.0"
@@ -119,7 +120,7 @@ class WorkerSpec(SpecModel):
 
     name: str = Field(pattern=NAME_PATTERN, description='Worker group name; processes are "{name}.{i}"')
     operators: list[str] = Field(min_length=1, description="Names of the operators each process hosts")
-    replicas: int = Field(1, ge=1, description="How many processes of this worker run")
+    replicas: int = Field(1, ge=1, le=L.MAX_REPLICAS, description="How many processes of this worker run")
     placement: PlacementSpec = Field(default_factory=PlacementSpec, description="Devices and node")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment for these processes")
 
@@ -135,12 +136,14 @@ class WorkerSpec(SpecModel):
 class ServerSetSpec(SpecModel):
     """A set of identical LLM engine instances (the seed's context_servers / generation_servers)."""
 
-    num_instances: int = Field(1, ge=1, description="Engine instances in this set")
+    num_instances: int = Field(1, ge=1, le=L.MAX_INSTANCES, description="Engine instances in this set")
     tp_size: int = Field(
-        1, ge=1, validation_alias=AliasChoices("tp_size", "tensor_parallel_size"), description="Tensor-parallel ranks per instance"
+        1, ge=1, le=L.MAX_PARALLEL_SIZE, validation_alias=AliasChoices("tp_size", "tensor_parallel_size"),
+        description="Tensor-parallel ranks per instance"
     )
     pp_size: int = Field(
-        1, ge=1, validation_alias=AliasChoices("pp_size", "pipeline_parallel_size"), description="Pipeline-parallel ranks per instance"
+        1, ge=1, le=L.MAX_PARALLEL_SIZE, validation_alias=AliasChoices("pp_size", "pipeline_parallel_size"),
+        description="Pipeline-parallel ranks per instance"
     )
     gpu_fraction: float | None = Field(
         None, gt=0, le=1, description="Share of each GPU a rank uses (lets ranks share GPUs); vLLM: its gpu_memory_utilization "
@@ -154,9 +157,13 @@ class ServerSetSpec(SpecModel):
     @field_validator("urls")
     @classmethod
     def _urls(cls, v: list[str]) -> list[str]:
-        for u in v:
-            if not re.match(r"^[A-Za-z0-9_.-]+:\d{1,5}$", u):
-                raise ValueError(f"url {u!r} must be host:port")
+        # the message names the entry, not its value: a layout file's values are never shown
+        for i, u in enumerate(v):
+            m = re.fullmatch(r"[A-Za-z0-9_.-]+:(\d{1,5})", u)
+            if not m:
+                raise ValueError(f"urls[{i}] must be host:port")
+            if not 1 <= int(m.group(1)) <= 65535:
+                raise ValueError(f"urls[{i}]: the port must be 1..65535")
         return v
 
     @property
@@ -206,14 +213,23 @@ class LLMSpec(SpecModel):
 class ClusterSpec(SpecModel):
     """The machines the graph runs on (used for placement checks and multi-node launches)."""
 
-    nodes: int = Field(1, ge=1, description="Number of nodes")
-    gpus_per_node: int = Field(0, ge=0, description="GPUs on each node (0: CPU-only)")
+    nodes: int = Field(1, ge=1, le=L.MAX_NODES, description="Number of nodes")
+    gpus_per_node: int = Field(0, ge=0, le=L.MAX_GPUS_PER_NODE, description="GPUs on each node (0: CPU-only)")
     cpus_per_node: int = Field(
-        0, ge=0,
+        0, ge=0, le=L.MAX_CPUS_PER_NODE,
         description="CPU cores on each node. On a CPU-only cluster (gpus_per_node 0) the plan then gives every "
         "LLM engine its own cores (its worker's cpu_ids), context engines apart from the rest; 0: the plan "
         "binds nothing (vLLM's own binding, or the operator's parameters.cpu_bind)")
     hosts: list[str] = Field(default_factory=list, description="Node hostnames, one per node (optional)")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "ClusterSpec":
+        # placement keeps a counter per GPU and a core list per node: bound the products, not only the factors
+        if self.nodes * self.gpus_per_node > L.MAX_CLUSTER_GPUS:
+            raise ValueError(f"nodes x gpus_per_node is {self.nodes * self.gpus_per_node:,}; at most {L.MAX_CLUSTER_GPUS:,} GPUs")
+        if self.nodes * self.cpus_per_node > L.MAX_CLUSTER_CPUS:
+            raise ValueError(f"nodes x cpus_per_node is {self.nodes * self.cpus_per_node:,}; at most {L.MAX_CLUSTER_CPUS:,} cores")
+        return self
 
 
 class LocalLaunchSpec(SpecModel):

@@ -109,9 +109,12 @@ def test_vllm_rejects_what_it_cannot_take_from_a_layout_at_validation(tmp_path: 
     assert "disagg_single_node.yaml:12:3: context_servers.gpu_fraction: gpu_fraction shares GPUs, and cluster.gpus_per_node is 0" in text
     layout = tmp_path / "layout.yaml"
     layout.write_text("backend: tensorrt\n")
-    bad = layout_graph("vllm").replace("../configs/disagg_single_node.yaml", str(layout))
+    # the layout file beside the graph: an absolute layout_file is refused (docs/security.md)
+    bad = layout_graph("vllm").replace("../configs/disagg_single_node.yaml", layout.name)
     bad = bad.replace("layout_file:", "servers: {num_instances: 1, kv_cache_config: {free_gpu_memory_fraction: 0.5}}\n  layout_file:")
-    text = errors_of(bad)
+    with pytest.raises(SpecErrors) as info:
+        parse_graph(textwrap.dedent(bad), file="g.yaml", base_dir=str(tmp_path))
+    text = info.value.render()
     assert "layout.yaml:1:1: backend: backend picks a TensorRT-LLM backend" in text  # points into the layout file
     assert "g.yaml" in text and "llm.servers.kv_cache_config: kv_cache_config is a TensorRT-LLM setting" in text
 
