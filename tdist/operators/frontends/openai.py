@@ -28,7 +28,17 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from tdist.errors import OperatorLoadError
-from tdist.operators.frontends.openai_wire import FINISH, SAMPLING_FIELDS, ApiError, api_error_of, sse, usage_of
+from tdist.operators.frontends.guards import ClientError, FrontendLimits, cors_middleware, is_json_type, media_type, read_body
+from tdist.operators.frontends.openai_wire import (
+    CLIENT_ERROR_CODES,
+    FINISH,
+    SAMPLING_FIELDS,
+    ApiError,
+    api_error_of,
+    parse_body,
+    sse,
+    usage_of,
+)
 from tdist.operators.llm.convention import parse_sampling
 from tdist.runtime.operator import Operator, OperatorContext, Request
 from tdist.runtime.planes.discovery_entry import WorkerEntry
@@ -58,7 +68,14 @@ class OpenAIFrontend(Operator):
         self.model_name = self.model_names[0]
         self._models_checked = 0.0
         self._lookup_error: str | None = None  # the last discovery lookup's error (warned once)
-        self.request_timeout_s = float(p.get("request_timeout_s", 600.0))
+        self.request_timeout_s = float(p.get("request_timeout_s") or 600.0)
+        try:
+            self.limits = FrontendLimits.of(p, "openai", request_timeout_s=self.request_timeout_s)
+        except ValueError as exc:
+            raise OperatorLoadError(f"OpenAI frontend {self.name!r}: {exc}") from None
+        #: request fields passed through to the engine (allowed_parameters narrows or names them)
+        self.pass_through = tuple(sorted(self.limits.allowed_parameters)) if self.limits.allowed_parameters is not None \
+            else SAMPLING_FIELDS
         self.default_max_tokens = int(p.get("default_max_tokens", 16))
         self.default_chat_max_tokens = int(p.get("default_chat_max_tokens", 512))
         self.created = int(time.time())
@@ -77,7 +94,8 @@ class OpenAIFrontend(Operator):
         async def errors(request: Any, handler: Any) -> Any:
             return await self._error_middleware(request, handler)
 
-        app = web.Application(middlewares=[errors], client_max_size=16 << 20)
+        middlewares = [errors] + ([cors_middleware(self.limits.cors_origins)] if self.limits.cors_origins else [])
+        app = web.Application(middlewares=middlewares, client_max_size=self.limits.max_body_bytes)
         app.router.add_get("/v1/models", self.handle_models)
         app.router.add_get("/v1/models/{model}", self.handle_model)
         app.router.add_post("/v1/completions", self.handle_completions)
@@ -125,6 +143,12 @@ class OpenAIFrontend(Operator):
 
         try:
             return await handler(request)
+        except ClientError as exc:
+            resp = web.json_response(ApiError(exc.status, exc.message, param=exc.param, code=CLIENT_ERROR_CODES.get(exc.status)).body(),
+                                     status=exc.status)
+            if exc.status == 413:
+                resp.force_close()  # what is left of the body is discarded, then the connection closes
+            return resp
         except web.HTTPException as exc:
             if exc.status >= 400:
                 err = ApiError(exc.status, exc.reason or "error", code="not_found" if exc.status == 404 else None)
@@ -140,13 +164,12 @@ class OpenAIFrontend(Operator):
             return web.json_response(err.body(), status=err.status)
 
     async def _json_body(self, request: Any) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except Exception:
-            raise ApiError(400, "the request body must be a JSON object") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
+        """The body as a JSON object: application/json (400 otherwise, as OpenAI answers), at most
+        max_body_bytes (413, refused from Content-Length before reading), strict JSON, no
+        internal fields."""
+        if not is_json_type(media_type(request)):
+            raise ApiError(400, "Content-Type must be application/json", code="invalid_content_type")
+        return parse_body(await read_body(request, self.limits.max_body_bytes))
 
     async def refresh_models(self, *, force: bool = False) -> list[str]:
         """Served model names: configured ones, else those the LLM workers publish in discovery.
@@ -190,6 +213,8 @@ class OpenAIFrontend(Operator):
         await self.refresh_models()
         if model is None:
             return self.model_name
+        if not isinstance(model, str):
+            raise ApiError(400, "'model' must be a string", param="model")
         if isinstance(model, str) and model not in self.model_names:
             await self.refresh_models(force=True)  # a worker may have joined since the last look
         if not isinstance(model, str) or model not in self.model_names:
@@ -198,7 +223,10 @@ class OpenAIFrontend(Operator):
         return model
 
     def _sampling_params(self, body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
-        params: dict[str, Any] = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+        refused = [k for k in SAMPLING_FIELDS if body.get(k) is not None and k not in self.pass_through]
+        if refused:
+            raise ApiError(400, f"'{refused[0]}' is not allowed by this frontend (allowed_parameters)", param=refused[0])
+        params: dict[str, Any] = {k: body[k] for k in self.pass_through if body.get(k) is not None}
         max_tokens = body.get("max_completion_tokens") if chat else None
         if max_tokens is None:
             max_tokens = body.get("max_tokens")
@@ -218,11 +246,18 @@ class OpenAIFrontend(Operator):
         return params
 
     def _stream_flags(self, body: dict[str, Any]) -> tuple[bool, bool]:
-        stream = bool(body.get("stream", False))
+        """`stream` and `stream_options.include_usage` are booleans: the string "false" is a 400,
+        not a truthy value."""
+        stream = body.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            raise ApiError(400, "'stream' must be true or false", param="stream")
         opts = body.get("stream_options") or {}
         if not isinstance(opts, dict):
             raise ApiError(400, "stream_options must be an object", param="stream_options")
-        return stream, bool(opts.get("include_usage", False))
+        usage = opts.get("include_usage")
+        if usage is not None and not isinstance(usage, bool):
+            raise ApiError(400, "'stream_options.include_usage' must be true or false", param="stream_options")
+        return bool(stream), bool(usage)
 
     def _generate(self, parameters: dict[str, Any]) -> AsyncIterator[Any]:
         return self.context.remote(self.target).async_infer(parameters=parameters, timeout_s=self.request_timeout_s)
