@@ -122,7 +122,7 @@ class ResponseMessage:
 def _pack(obj: dict[str, Any]) -> bytes:
     try:
         return msgpack.packb(obj, use_bin_type=True)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an int beyond 64 bits
         raise BadRequest(f"message cannot be encoded: {exc} (parameters must be JSON-like: str, int, float, bool, list, dict)") from None
 
 

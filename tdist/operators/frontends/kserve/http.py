@@ -42,11 +42,13 @@ def _check_request(req: Any) -> dict[str, Any]:
         raise bad("request must be a JSON object with an 'inputs' list")
     if req.get("id") is not None and not isinstance(req["id"], str):
         raise bad("request 'id' must be a string")
-    if not isinstance(req.get("parameters") or {}, dict):
+    if not isinstance(req.get("parameters", {}), (dict, type(None))):
         raise bad("request 'parameters' must be an object")
-    outputs = req.get("outputs") or []
+    outputs = req.get("outputs", [])
+    if outputs is None:
+        outputs = []
     if not isinstance(outputs, list) or not all(
-        isinstance(o, dict) and isinstance(o.get("name"), str) and isinstance(o.get("parameters") or {}, dict) for o in outputs
+        isinstance(o, dict) and isinstance(o.get("name"), str) and isinstance(o.get("parameters", {}), (dict, type(None))) for o in outputs
     ):
         raise bad("request 'outputs' must be a list of objects with a string 'name' (and optional 'parameters' object)")
     return req
@@ -72,7 +74,8 @@ def parse_http_infer(body: Any, header_length: int | None) -> tuple[dict[str, An
         name, datatype, shape = spec["name"], spec["datatype"], spec["shape"]
         if name in inputs:
             raise bad(f"input '{name}' is given twice")
-        params = spec.get("parameters") or {}
+        params = spec.get("parameters")
+        params = {} if params is None else params
         if not isinstance(params, dict):
             raise bad(f"input '{name}': 'parameters' must be an object")
         size = params.get("binary_data_size")
