@@ -7,15 +7,20 @@ becomes one tdist request to the target (the router) in the team's LLM conventio
 are applied by the engine worker, which has the tokenizer (plain fallback when none).
 
 Errors are OpenAI-shaped (openai_wire.py), `{"error": {"message", "type", "param", "code"}}`: 400 bad
-parameters, 404 unknown model or route, 503 no worker, 504 deadline, 500 otherwise. A client
-that disconnects mid-stream cancels the request all the way to the engine.
+parameters, a body that is not application/json, strict JSON or has a deployment-internal
+field (`kv_transfer_params`, ...); 404 unknown model or route; 413 a body over max_body_bytes
+(refused from Content-Length before it is read) or a request over the request plane's
+max_payload; 503 no worker; 504 deadline; 500 otherwise. A client that disconnects mid-stream
+cancels the request all the way to the engine. Limits: guards.py, docs/security.md.
 
 Parameters: host (127.0.0.1), port (8000; 0 picks a free one — the bound port is logged as
 "OpenAI frontend listening on http://HOST:PORT", returned by stats() and, with `port_file`,
 written to that file), target (default: targets[0]), served_model_name (default: the served
 names the deployment's vLLM / TensorRT-LLM workers publish, else the target name; `model_names`
 adds aliases), request_timeout_s (600), default_max_tokens (16 for
-completions; chat: until EOS or `default_chat_max_tokens`, 512).
+completions; chat: until EOS or `default_chat_max_tokens`, 512), max_body_bytes (4 MiB),
+allowed_parameters (the sampling fields passed through; default SAMPLING_FIELDS), cors_origins
+(none).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from tdist.operators.frontends.openai_wire import (
     api_error_of,
     parse_body,
     sse,
+    stream_flags,
     usage_of,
 )
 from tdist.operators.llm.convention import parse_sampling
@@ -245,20 +251,6 @@ class OpenAIFrontend(Operator):
         parse_sampling(params)  # validate here: a 400 without a round trip to a worker
         return params
 
-    def _stream_flags(self, body: dict[str, Any]) -> tuple[bool, bool]:
-        """`stream` and `stream_options.include_usage` are booleans: the string "false" is a 400,
-        not a truthy value."""
-        stream = body.get("stream")
-        if stream is not None and not isinstance(stream, bool):
-            raise ApiError(400, "'stream' must be true or false", param="stream")
-        opts = body.get("stream_options") or {}
-        if not isinstance(opts, dict):
-            raise ApiError(400, "stream_options must be an object", param="stream_options")
-        usage = opts.get("include_usage")
-        if usage is not None and not isinstance(usage, bool):
-            raise ApiError(400, "'stream_options.include_usage' must be true or false", param="stream_options")
-        return bool(stream), bool(usage)
-
     def _generate(self, parameters: dict[str, Any]) -> AsyncIterator[Any]:
         return self.context.remote(self.target).async_infer(parameters=parameters, timeout_s=self.request_timeout_s)
 
@@ -322,7 +314,7 @@ class OpenAIFrontend(Operator):
         """One completion (text or chat), whole or as SSE, in OpenAI's shapes."""
         from aiohttp import web
 
-        stream, include_usage = self._stream_flags(body)
+        stream, include_usage = stream_flags(body)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"

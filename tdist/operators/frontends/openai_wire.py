@@ -63,6 +63,21 @@ def parse_body(raw: bytes | bytearray) -> dict[str, Any]:
     return body
 
 
+def stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    """`stream` and `stream_options.include_usage` are booleans: the string "false" is a 400,
+    not a truthy value."""
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", param="stream")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise ApiError(400, "stream_options must be an object", param="stream_options")
+    usage = opts.get("include_usage")
+    if usage is not None and not isinstance(usage, bool):
+        raise ApiError(400, "'stream_options.include_usage' must be true or false", param="stream_options")
+    return bool(stream), bool(usage)
+
+
 def api_error_of(exc: BaseException) -> ApiError:
     """Map tdist's typed request errors to HTTP statuses."""
     if isinstance(exc, ApiError):
