@@ -91,6 +91,12 @@ class FrontendParameters(SpecModel):
         default_factory=list, description='Browser origins given CORS headers, e.g. ["https://app.example"] or ["*"] '
         "(default: none, so browsers cannot call the frontend from other sites)")
 
+    max_concurrent_requests: int | None = Field(
+        None, ge=1, description="Requests served at once; one more is answered 429 with Retry-After (default: no limit)")
+    api_key_env: str | None = Field(
+        None, description="openai: environment variable holding the API key clients must send as "
+        "`Authorization: Bearer <key>` (401 otherwise; default: no key)", json_schema_extra=_only("openai"))
+
     @field_validator("allowed_parameters")
     @classmethod
     def _not_internal(cls, v: list[str] | None) -> list[str] | None:

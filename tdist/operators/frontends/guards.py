@@ -13,8 +13,10 @@ them.
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -54,6 +56,7 @@ class FrontendLimits:
     max_deadline_s: float
     allowed_parameters: frozenset[str] | None = None  # None: any name that is not internal
     cors_origins: tuple[str, ...] = field(default_factory=tuple)
+    max_concurrent_requests: int | None = None  # None: no limit
 
     @classmethod
     def of(cls, parameters: dict[str, Any], protocol: str, *, request_timeout_s: float) -> "FrontendLimits":
@@ -72,7 +75,10 @@ class FrontendLimits:
                 raise ValueError(f"allowed_parameters names internal parameters {internal}: clients cannot set those")
             allowed = frozenset(names)
         origins = tuple(str(o) for o in parameters.get("cors_origins") or ())
-        return cls(body, deadline, allowed, origins)
+        concurrent = parameters.get("max_concurrent_requests")
+        if concurrent is not None and int(concurrent) < 1:
+            raise ValueError(f"max_concurrent_requests must be at least 1 (got {concurrent})")
+        return cls(body, deadline, allowed, origins, int(concurrent) if concurrent is not None else None)
 
     def check_parameters(self, params: dict[str, Any], *, where: str = "parameters") -> dict[str, Any]:
         """The client's parameters, refused (400) when one is internal or not allowed here."""
@@ -94,6 +100,49 @@ class FrontendLimits:
         if not math.isfinite(value) or value <= 0:
             raise ClientError(400, f"{param!r} must be a positive, finite number (got {requested_s!r})", param=param)
         return min(value, self.max_deadline_s)
+
+
+class Admission:
+    """At most max_concurrent_requests requests at once; one more is a 429 (with Retry-After)
+    at once, rather than a queue that grows with whatever a client sends."""
+
+    RETRY_AFTER_S = 1
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.inflight = 0
+
+    def __enter__(self) -> "Admission":
+        if self.limit is not None and self.inflight >= self.limit:
+            raise ClientError(429, f"this frontend is serving its maximum of {self.limit} requests at once; "
+                                   f"retry after {self.RETRY_AFTER_S} s (max_concurrent_requests)")
+        self.inflight += 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.inflight -= 1
+
+
+def api_key_of(parameters: dict[str, Any]) -> str | None:
+    """The API key a frontend requires, from the environment variable `api_key_env` names (a
+    secret travels by name, never by value in the graph or the plan); None: no key required."""
+    name = parameters.get("api_key_env")
+    if not name:
+        return None
+    key = os.environ.get(str(name))
+    if not key:
+        raise ValueError(f"api_key_env names {name!r}, which is not set (or empty) in the worker's environment")
+    return key
+
+
+def check_api_key(request: Any, key: str | None) -> None:
+    """401 unless `Authorization: Bearer <key>` (compared in constant time)."""
+    if key is None:
+        return
+    given = request.headers.get("Authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise ClientError(401, "no or wrong API key: send Authorization: Bearer <key>")
 
 
 # ---------------------------------------------------------------- bodies

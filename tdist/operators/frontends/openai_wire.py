@@ -45,7 +45,8 @@ class ApiError(Exception):
 
 
 #: `code` of client errors the guards raise, by status
-CLIENT_ERROR_CODES = {400: "bad_request", 404: "not_found", 413: "request_too_large", 415: "invalid_content_type"}
+CLIENT_ERROR_CODES = {400: "bad_request", 401: "invalid_api_key", 404: "not_found", 413: "request_too_large",
+                      415: "invalid_content_type", 429: "rate_limit_exceeded"}
 
 
 def parse_body(raw: bytes | bytearray) -> dict[str, Any]:

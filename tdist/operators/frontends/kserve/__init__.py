@@ -10,7 +10,8 @@ that stream partial responses).
 Parameters: host (127.0.0.1), http_port (or port; 8000), grpc_port (8001; null disables gRPC),
 request_timeout_s (60), models (names answered with 503 rather than 404 while no worker
 serves them; `targets` count too), max_body_bytes (64 MiB, HTTP and gRPC), max_deadline_s
-(request_timeout_s), allowed_parameters (any but internal ones), cors_origins (none). Port 0
+(request_timeout_s), allowed_parameters (any but internal ones), cors_origins (none),
+max_concurrent_requests (none; past it 429 / RESOURCE_EXHAUSTED). Port 0
 picks a free port; the bound ports are logged ("KServe frontend listening: ...") and reported
 by stats().
 

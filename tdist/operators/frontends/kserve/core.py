@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 import numpy as np
 
 from tdist.errors import BadRequest, NoWorkerError, PayloadTooLarge, RequestError, RequestTimeout
-from tdist.operators.frontends.guards import DEFAULT_MAX_BODY_BYTES, ClientError, FrontendLimits
+from tdist.operators.frontends.guards import DEFAULT_MAX_BODY_BYTES, Admission, ClientError, FrontendLimits
 from tdist.operators.frontends.kserve.codec import KServeError, bad, wire_parameters
 from tdist.runtime.operator import RemoteOperator
 from tdist.runtime.planes.discovery_entry import WorkerEntry
@@ -75,6 +75,7 @@ class KServeCore:
         self.reachable = set(reachable) if reachable else None
         self.timeout_s = timeout_s
         self.limits = limits or FrontendLimits(DEFAULT_MAX_BODY_BYTES["kserve"], timeout_s)
+        self.admission = Admission(self.limits.max_concurrent_requests)
         self.started_at = time.time()
         self.requests = 0
         self.errors = 0
@@ -120,8 +121,12 @@ class KServeCore:
     ) -> AsyncIterator[InferResult]:
         """Every response of the operator (partials, then the final), as KServe results."""
         info = await self.model(name, version)
-        self.requests += 1
         parameters, timeout_s = self.client_parameters(parameters)
+        try:
+            self.admission.__enter__()  # held until the last response: 429 past max_concurrent_requests
+        except ClientError as exc:
+            raise KServeError(429, "RESOURCE_EXHAUSTED", exc.message) from None
+        self.requests += 1
         try:
             async for resp in RemoteOperator(name, client=self.client).async_infer(inputs, parameters, timeout_s=timeout_s):
                 outs = {k: (v if isinstance(v, np.ndarray) else np.asarray(v)) for k, v in resp.outputs.items()}
@@ -144,6 +149,8 @@ class KServeCore:
         except RequestError as exc:
             self.errors += 1
             raise KServeError(500, "INTERNAL", exc.render()) from None
+        finally:
+            self.admission.__exit__()
 
     def client_parameters(self, parameters: dict[str, Any]) -> tuple[dict[str, Any], float]:
         """(parameters passed to the operator, deadline in seconds) from a client's parameters.

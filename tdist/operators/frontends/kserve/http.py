@@ -11,7 +11,16 @@ from typing import Any
 
 import numpy as np
 
-from tdist.operators.frontends.guards import ClientError, FrontendLimits, cors_middleware, is_json_type, loads, media_type, read_body
+from tdist.operators.frontends.guards import (
+    Admission,
+    ClientError,
+    FrontendLimits,
+    cors_middleware,
+    is_json_type,
+    loads,
+    media_type,
+    read_body,
+)
 from tdist.operators.frontends.kserve.codec import (
     KServeError,
     bad,
@@ -163,7 +172,10 @@ class KServeHTTP:
         self.runner: Any = None
 
     def _error(self, exc: KServeError) -> Any:
-        return self.web.json_response({"error": exc.message}, status=exc.http_status)
+        resp = self.web.json_response({"error": exc.message}, status=exc.http_status)
+        if exc.http_status == 429:
+            resp.headers["Retry-After"] = str(Admission.RETRY_AFTER_S)
+        return resp
 
     async def live(self, request: Any) -> Any:
         return self.web.Response(status=200)
