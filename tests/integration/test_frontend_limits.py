@@ -3,7 +3,8 @@ ports, in front of real operators, over a real nats-server, under the real local
 
 Covers the answers of docs/security.md ("HTTP frontends and payload limits"): 413 for bodies
 over max_body_bytes (refused from Content-Length before reading; chunked ones stopped at the
-limit) with the frontend worker's peak RSS measured from /proc, 415/400 for Content-Types,
+limit, a gzip bomb once inflated to it) with the frontend worker's peak RSS measured from
+/proc, 415/400 for Content-Types,
 400 for shapes, datatypes, internal or unlisted parameters and non-finite numbers, 404 outside
 the targets, deadlines capped, CORS only when configured, a client disconnect cancelling the
 operator, and the NATS max_payload: a request within header bytes of it is a typed
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -264,11 +266,19 @@ async def test_a_200_mb_body_is_refused_before_it_is_read(deploy, nats_server) -
             status, body = await chunked_body(s, url, BIG)
             assert status == 413, body
             grown[f"{name} chunked"] = peak_rss_kib(pid) - base
+        # a gzip bomb: 1 MB on the wire, 1 GiB once inflated; read (inflated) only up to the limit
+        deflate = zlib.compressobj(9, zlib.DEFLATED, 31)
+        bomb = b"".join(deflate.compress(b" " * MiB) for _ in range(1024)) + deflate.flush()
+        base = reset_peak_rss(pid)
+        status, body, _ = await post(s, kserve, bomb, Content_Encoding="gzip")
+        assert status == 413 and len(bomb) < 2 * MiB, body
+        grown["kserve gzip bomb"] = peak_rss_kib(pid) - base
         status, body, _ = await post(s, kserve, kserve_json("x", "INT32", [1], [7]))
         assert status == 200  # the worker serves on
     print("peak RSS growth of the frontend worker (KiB):", grown)
     assert grown["kserve declared"] < 16 * 1024 and grown["openai declared"] < 16 * 1024, grown
     assert grown["kserve chunked"] < (64 + 48) * 1024, grown  # read up to its 64 MiB limit, never 200 MB
+    assert grown["kserve gzip bomb"] < (64 + 48) * 1024, grown
     assert grown["openai chunked"] < (4 + 28) * 1024, grown
 
 
