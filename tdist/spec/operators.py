@@ -78,7 +78,7 @@ class FrontendParameters(SpecModel):
     models: list[str] = Field(default_factory=list, description="kserve: more operators it describes and lets clients call "
                               "besides targets (operators outside both answer 404)", json_schema_extra=_only("kserve"))
     max_body_bytes: int | None = Field(
-        None, ge=1, le=1 << 31, description="Largest request body in bytes, HTTP and gRPC (default: kserve 67108864 = 64 MiB, "
+        None, ge=1, le=(1 << 31) - 1, description="Largest request body in bytes, HTTP and gRPC (default: kserve 67108864 = 64 MiB, "
         "openai 4194304 = 4 MiB); a bigger one is answered 413 before it is read")
     max_deadline_s: float | None = Field(
         None, gt=0, description="kserve: longest deadline a client may ask for (`timeout` in microseconds or `timeout_s`), "

@@ -57,7 +57,7 @@ input_spec = st.one_of(json_value, st.fixed_dictionaries({}, optional={
 client_params = st.one_of(
     json_value,
     st.dictionaries(st.sampled_from(["k", "timeout", "timeout_s", "binary_data_output", "kv_transfer_params", "tdist_x", "_y"]),
-                    st.one_of(json_value, st.integers(-10, 10**9), st.floats()), max_size=3),
+                    st.one_of(json_value, st.integers(-10, 10**9), st.integers(-(10**400), 10**400), st.floats()), max_size=3),
 )
 outputs = st.one_of(json_value, st.lists(st.fixed_dictionaries({"name": st.sampled_from(["a", "b", "x"])},
                                                             optional={"parameters": st.one_of(json_value, st.fixed_dictionaries(

@@ -128,7 +128,8 @@ def test_limits_parameters_and_deadlines() -> None:
     with pytest.raises(ClientError, match="not allowed"):
         strict.check_parameters({"z": 1})
     assert strict.deadline(3600, 60) == 5 and strict.deadline(1, 60) == 1 and strict.deadline(None, 60) == 5
-    for bad in (math.inf, math.nan, -1, 0, "10", True, [1]):
+    assert strict.deadline(10**400, 60) == 5  # beyond any float: capped, not an OverflowError
+    for bad in (math.inf, math.nan, -1, 0, "10", True, [1], -(10**400)):
         with pytest.raises(ClientError):
             strict.deadline(bad, 60)
     for params in ({"allowed_parameters": ["kv_transfer_params"]}, {"max_body_bytes": -1}, {"max_deadline_s": math.inf}):
@@ -158,3 +159,29 @@ def test_nats_header_bytes_are_counted() -> None:
     assert P.headers_size(headers) == len(block) > 100
     assert P.headers_size(None) == 0
     assert set(P.request_headers(msg)) == {P.HDR_REPLY, P.HDR_ID, P.HDR_DEADLINE}
+
+
+def test_kserve_client_deadlines() -> None:
+    from tdist.operators.frontends.kserve import KServeCore
+
+    core = KServeCore(None, timeout_s=60, limits=FrontendLimits.of({"max_deadline_s": 30}, "kserve", request_timeout_s=60))
+    assert core.client_parameters({}) == ({}, 30)
+    assert core.client_parameters({"timeout": 2_500_000, "k": 1}) == ({"k": 1}, 2.5)
+    assert core.client_parameters({"timeout_s": 3600}) == ({}, 30)
+    assert core.client_parameters({"timeout": 10**400}) == ({}, 30)  # an int beyond any float is capped
+    for bad in ({"timeout": "soon"}, {"timeout": -(10**400)}, {"timeout": 0}, {"timeout_s": math.inf},
+                {"kv_transfer_params": {}}):
+        with pytest.raises(KServeError) as e:
+            core.client_parameters(bad)
+        assert e.value.http_status == 400
+
+
+def test_openai_stream_flags_are_booleans() -> None:
+    from tdist.operators.frontends.openai_wire import ApiError, stream_flags
+
+    assert stream_flags({}) == (False, False)
+    assert stream_flags({"stream": True, "stream_options": {"include_usage": True}}) == (True, True)
+    for body in ({"stream": "false"}, {"stream": 1}, {"stream_options": []}, {"stream_options": {"include_usage": "yes"}}):
+        with pytest.raises(ApiError) as e:
+            stream_flags(body)
+        assert e.value.status == 400

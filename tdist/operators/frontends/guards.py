@@ -96,7 +96,10 @@ class FrontendLimits:
             return min(default_s, self.max_deadline_s)
         if isinstance(requested_s, bool) or not isinstance(requested_s, (int, float)):
             raise ClientError(400, f"{param!r} must be a number", param=param)
-        value = float(requested_s)
+        try:
+            value = float(requested_s)
+        except OverflowError:  # an integer beyond any float: as long as a deadline gets, or negative
+            value = self.max_deadline_s if requested_s > 0 else -1.0
         if not math.isfinite(value) or value <= 0:
             raise ClientError(400, f"{param!r} must be a positive, finite number (got {requested_s!r})", param=param)
         return min(value, self.max_deadline_s)

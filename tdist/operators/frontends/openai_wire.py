@@ -70,7 +70,8 @@ def stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise ApiError(400, "'stream' must be true or false", param="stream")
-    opts = body.get("stream_options") or {}
+    opts = body.get("stream_options")
+    opts = {} if opts is None else opts
     if not isinstance(opts, dict):
         raise ApiError(400, "stream_options must be an object", param="stream_options")
     usage = opts.get("include_usage")

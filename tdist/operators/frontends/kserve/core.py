@@ -167,7 +167,11 @@ class KServeCore:
                 us = params.pop("timeout")
                 if isinstance(us, bool) or not isinstance(us, (int, float)):
                     raise bad("request parameter 'timeout' must be microseconds (a number)")
-                timeout_s = self.limits.deadline(us / 1e6, self.timeout_s, param="timeout")
+                try:
+                    seconds: Any = us / 1e6
+                except OverflowError:  # an integer beyond any float: deadline() caps or refuses it
+                    seconds = us
+                timeout_s = self.limits.deadline(seconds, self.timeout_s, param="timeout")
             return self.limits.check_parameters(params), min(timeout_s, self.limits.max_deadline_s)
         except ClientError as exc:
             raise KServeError(exc.status, "INVALID_ARGUMENT", exc.message) from None
