@@ -28,6 +28,10 @@ _TOKEN_RE = re.compile(r"[^A-Za-z0-9_-]")
 HDR_REPLY = "Tdist-Reply"
 HDR_ID = "Tdist-Id"
 HDR_DEADLINE = "Tdist-Deadline"
+HDR_MSG_ID = "Nats-Msg-Id"  # JetStream's deduplication header (set on acknowledged publishes)
+
+#: "NATS/1.0\r\n" before the header lines and "\r\n" after them (nats-py's HPUB encoding).
+_HEADER_FRAME = len(b"NATS/1.0\r\n") + len(b"\r\n")
 
 
 def token(name: str) -> str:
@@ -60,6 +64,26 @@ def cancel_subject(deployment: str) -> str:
 
 def consumer_name(operator: str) -> str:
     return "op_" + token(operator)
+
+
+def request_headers(msg: "RequestMessage", *, msg_id: bool = False) -> dict[str, str]:
+    """The NATS headers a request travels with (`msg_id`: plus JetStream's Nats-Msg-Id)."""
+    headers = {HDR_REPLY: msg.reply, HDR_ID: msg.id, HDR_DEADLINE: repr(msg.deadline)}
+    if msg_id:
+        headers[HDR_MSG_ID] = msg.id
+    return headers
+
+
+def headers_size(headers: dict[str, str] | None) -> int:
+    """Bytes the headers add to a NATS message, as nats-py encodes them (HPUB).
+
+    nats-server checks max_payload against headers + payload, while nats-py checks the payload
+    alone; a message that passes nats-py's check but not the server's makes the server close the
+    whole connection. Counting the headers here keeps that from ever happening.
+    """
+    if headers is None:
+        return 0
+    return _HEADER_FRAME + sum(len(k.strip().encode()) + 2 + len(str(v).strip().encode()) + 2 for k, v in headers.items())
 
 
 def new_request_id() -> str:
@@ -98,7 +122,7 @@ class ResponseMessage:
 def _pack(obj: dict[str, Any]) -> bytes:
     try:
         return msgpack.packb(obj, use_bin_type=True)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: an int beyond 64 bits
         raise BadRequest(f"message cannot be encoded: {exc} (parameters must be JSON-like: str, int, float, bool, list, dict)") from None
 
 

@@ -22,6 +22,9 @@ from tdist.spec.base import IMPLEMENTATION_PATTERN, LogLevel, SpecModel
 
 Role = Literal["both", "context", "generation"]
 
+#: Request parameters the deployment sets for itself; a frontend's allowed_parameters cannot name them.
+INTERNAL_PARAMETERS = frozenset({"kv_transfer_params", "disagg", "tdist_context_worker", "routed_to"})
+
 
 def _only(*protocols: str) -> dict[str, Any]:
     """Field metadata: the frontend protocols a frontend parameter applies to."""
@@ -72,8 +75,36 @@ class FrontendParameters(SpecModel):
                                   json_schema_extra=_only("openai"))
     grpc_port: int | None = Field(8001, ge=0, le=65535, description="kserve: gRPC port (0: a free one; null: no gRPC)",
                                   json_schema_extra=_only("kserve"))
-    models: list[str] = Field(default_factory=list, description="kserve: more operators it describes besides targets",
-                              json_schema_extra=_only("kserve"))
+    models: list[str] = Field(default_factory=list, description="kserve: more operators it describes and lets clients call "
+                              "besides targets (operators outside both answer 404)", json_schema_extra=_only("kserve"))
+    max_body_bytes: int | None = Field(
+        None, ge=1, le=(1 << 31) - 1, description="Largest request body in bytes, HTTP and gRPC (default: kserve 67108864 = 64 MiB, "
+        "openai 4194304 = 4 MiB); a bigger one is answered 413 before it is read")
+    max_deadline_s: float | None = Field(
+        None, gt=0, description="kserve: longest deadline a client may ask for (`timeout` in microseconds or `timeout_s`), "
+        "in seconds; longer ones are cut to it (default: request_timeout_s)", json_schema_extra=_only("kserve"))
+    allowed_parameters: list[str] | None = Field(
+        None, description="Request parameters clients may set (kserve: `parameters` keys; openai: the sampling fields "
+        "passed to the engine); others are answered 400 (default: kserve any, openai the standard sampling fields). "
+        "Internal ones (kv_transfer_params, disagg, tdist_*, _*) are never allowed")
+    cors_origins: list[str] = Field(
+        default_factory=list, description='Browser origins given CORS headers, e.g. ["https://app.example"] or ["*"] '
+        "(default: none, so browsers cannot call the frontend from other sites)")
+
+    max_concurrent_requests: int | None = Field(
+        None, ge=1, description="Requests served at once; one more is answered 429 with Retry-After (default: no limit)")
+    api_key_env: str | None = Field(
+        None, description="openai: environment variable holding the API key clients must send as "
+        "`Authorization: Bearer <key>` (401 otherwise; default: no key)", json_schema_extra=_only("openai"))
+
+    @field_validator("allowed_parameters")
+    @classmethod
+    def _not_internal(cls, v: list[str] | None) -> list[str] | None:
+        # the same rule as tdist/operators/frontends/guards.py: is_internal (a unit test keeps them equal)
+        bad = [n for n in v or [] if n in INTERNAL_PARAMETERS or n.startswith(("tdist_", "_"))]
+        if bad:
+            raise ValueError(f"{bad} are internal to the deployment: clients cannot set them")
+        return v
 
 
 def protocol_of_parameter(name: str) -> list[str] | None:

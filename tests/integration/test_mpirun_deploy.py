@@ -169,7 +169,8 @@ def test_service_worker_beside_the_world_serves_kserve(env: dict[str, str], tmp_
     try:
         assert dep.returncode == 0, dep.stdout + dep.stderr
         body = json.dumps({"inputs": [{"name": "input", "shape": [3], "datatype": "INT64", "data": [4, 5, 6]}]}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/encoder_decoder/infer", data=body, method="POST")
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/encoder_decoder/infer", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})  # urllib's default (a form) is a 415
         with urllib.request.urlopen(req, timeout=30) as resp:
             answer = json.loads(resp.read())
         assert answer["outputs"][0]["data"] == [4, 5, 6]

@@ -6,16 +6,23 @@ becomes one tdist request to the target (the router) in the team's LLM conventio
 (parameters.prompt | parameters.messages + sampling; streamed `text` deltas). Chat templates
 are applied by the engine worker, which has the tokenizer (plain fallback when none).
 
-Errors are OpenAI-shaped (openai_wire.py), `{"error": {"message", "type", "param", "code"}}`: 400 bad
-parameters, 404 unknown model or route, 503 no worker, 504 deadline, 500 otherwise. A client
-that disconnects mid-stream cancels the request all the way to the engine.
+Errors are OpenAI-shaped (openai_wire.py), `{"error": {"message", "type", "param", "code"}}`:
+400 bad parameters, a body that is not application/json, not strict JSON or with a
+deployment-internal field (`kv_transfer_params`, ...); 401 no or wrong API key; 404 unknown
+model or route; 413 a body over max_body_bytes (refused from Content-Length before it is read)
+or a request over the request plane's max_payload; 429 over max_concurrent_requests; 503 no
+worker; 504 deadline; 500 otherwise. A client that disconnects mid-stream cancels the request
+all the way to the engine. Limits: guards.py, docs/security.md.
 
 Parameters: host (127.0.0.1), port (8000; 0 picks a free one — the bound port is logged as
 "OpenAI frontend listening on http://HOST:PORT", returned by stats() and, with `port_file`,
 written to that file), target (default: targets[0]), served_model_name (default: the served
 names the deployment's vLLM / TensorRT-LLM workers publish, else the target name; `model_names`
 adds aliases), request_timeout_s (600), default_max_tokens (16 for
-completions; chat: until EOS or `default_chat_max_tokens`, 512).
+completions; chat: until EOS or `default_chat_max_tokens`, 512), max_body_bytes (4 MiB),
+allowed_parameters (the sampling fields passed through; default SAMPLING_FIELDS), cors_origins
+(none), max_concurrent_requests (none; past it 429 with Retry-After), api_key_env (none; with it
+requests need `Authorization: Bearer <key>`, 401 otherwise).
 """
 
 from __future__ import annotations
@@ -28,14 +35,26 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from tdist.errors import OperatorLoadError
-from tdist.operators.frontends.openai_wire import FINISH, SAMPLING_FIELDS, ApiError, api_error_of, sse, usage_of
+from tdist.operators.frontends import guards
+from tdist.operators.frontends.guards import Admission, ClientError, FrontendLimits, is_json_type, media_type, read_body
+from tdist.operators.frontends.openai_models import ModelNames
+from tdist.operators.frontends.openai_wire import (
+    CLIENT_ERROR_CODES,
+    FINISH,
+    SAMPLING_FIELDS,
+    ApiError,
+    api_error_of,
+    parse_body,
+    sse,
+    stream_flags,
+    usage_of,
+)
 from tdist.operators.llm.convention import parse_sampling
 from tdist.runtime.operator import Operator, OperatorContext, Request
-from tdist.runtime.planes.discovery_entry import WorkerEntry
 
 LISTEN_LINE = "OpenAI frontend listening on"
 
-class OpenAIFrontend(Operator):
+class OpenAIFrontend(ModelNames, Operator):
     """See the module doc. The HTTP server lives as long as the operator (start → stop)."""
 
     def __init__(self, context: OperatorContext) -> None:
@@ -58,7 +77,19 @@ class OpenAIFrontend(Operator):
         self.model_name = self.model_names[0]
         self._models_checked = 0.0
         self._lookup_error: str | None = None  # the last discovery lookup's error (warned once)
-        self.request_timeout_s = float(p.get("request_timeout_s", 600.0))
+        self.request_timeout_s = float(p.get("request_timeout_s") or 600.0)
+        try:
+            self.limits = FrontendLimits.of(p, "openai", request_timeout_s=self.request_timeout_s)
+        except ValueError as exc:
+            raise OperatorLoadError(f"OpenAI frontend {self.name!r}: {exc}") from None
+        try:
+            self.api_key = guards.api_key_of(p)
+        except ValueError as exc:
+            raise OperatorLoadError(f"OpenAI frontend {self.name!r}: {exc}") from None
+        self.admission = Admission(self.limits.max_concurrent_requests)
+        #: request fields passed through to the engine (allowed_parameters narrows or names them)
+        self.pass_through = tuple(sorted(self.limits.allowed_parameters)) if self.limits.allowed_parameters is not None \
+            else SAMPLING_FIELDS
         self.default_max_tokens = int(p.get("default_max_tokens", 16))
         self.default_chat_max_tokens = int(p.get("default_chat_max_tokens", 512))
         self.created = int(time.time())
@@ -77,7 +108,8 @@ class OpenAIFrontend(Operator):
         async def errors(request: Any, handler: Any) -> Any:
             return await self._error_middleware(request, handler)
 
-        app = web.Application(middlewares=[errors], client_max_size=16 << 20)
+        middlewares = [errors] + ([guards.cors_middleware(self.limits.cors_origins)] if self.limits.cors_origins else [])
+        app = web.Application(middlewares=middlewares, client_max_size=self.limits.max_body_bytes)
         app.router.add_get("/v1/models", self.handle_models)
         app.router.add_get("/v1/models/{model}", self.handle_model)
         app.router.add_post("/v1/completions", self.handle_completions)
@@ -124,7 +156,17 @@ class OpenAIFrontend(Operator):
         from aiohttp import web
 
         try:
+            if request.method != "OPTIONS" and request.path != "/health":  # probes and CORS preflights need no key
+                guards.check_api_key(request, self.api_key)
             return await handler(request)
+        except ClientError as exc:
+            resp = web.json_response(ApiError(exc.status, exc.message, param=exc.param, code=CLIENT_ERROR_CODES.get(exc.status)).body(),
+                                     status=exc.status)
+            if exc.status == 413:
+                resp.force_close()  # what is left of the body is discarded, then the connection closes
+            if exc.status == 429:
+                resp.headers["Retry-After"] = str(Admission.RETRY_AFTER_S)
+            return resp
         except web.HTTPException as exc:
             if exc.status >= 400:
                 err = ApiError(exc.status, exc.reason or "error", code="not_found" if exc.status == 404 else None)
@@ -140,65 +182,18 @@ class OpenAIFrontend(Operator):
             return web.json_response(err.body(), status=err.status)
 
     async def _json_body(self, request: Any) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except Exception:
-            raise ApiError(400, "the request body must be a JSON object") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
-
-    async def refresh_models(self, *, force: bool = False) -> list[str]:
-        """Served model names: configured ones, else those the LLM workers publish in discovery.
-
-        A successful lookup is reused for 2 s; a failed or empty one is retried on the next call.
-        """
-        if self.configured_models:
-            return self.model_names
-        if not force and time.monotonic() - self._models_checked < 2.0:
-            return self.model_names
-        workers = getattr(self.context.client, "workers", None)
-        if workers is None:
-            return self.model_names
-        try:
-            entries = await workers(max_age_s=0.0 if force else 1.0)
-        except Exception as exc:
-            text = f"{type(exc).__name__}: {exc}"
-            if text != self._lookup_error:  # once per distinct error, not per request
-                self.logger.warning("model lookup in discovery failed (serving %s meanwhile): %s", self.model_names, text)
-            self._lookup_error = text
-            return self.model_names
-        self._lookup_error = None
-        found: list[str] = []
-        for data in entries.values():
-            entry = WorkerEntry.read(data)
-            if entry is None:
-                continue
-            for op, kind in entry.kinds.items():
-                if kind in ("vllm", "trtllm"):
-                    name = entry.stats_of(op).get("model")
-                    if isinstance(name, str) and name not in found:
-                        found.append(name)
-        if found:
-            self._models_checked = time.monotonic()
-            self.model_names = sorted(set(found) | (set(self.model_names) - {self.target}))
-            self.model_name = sorted(found)[0]
-        return self.model_names
-
-    async def _check_model(self, body: dict[str, Any]) -> str:
-        model = body.get("model")
-        await self.refresh_models()
-        if model is None:
-            return self.model_name
-        if isinstance(model, str) and model not in self.model_names:
-            await self.refresh_models(force=True)  # a worker may have joined since the last look
-        if not isinstance(model, str) or model not in self.model_names:
-            raise ApiError(404, f"The model `{model}` does not exist; this server serves: {', '.join(self.model_names)}",
-                           param="model", code="model_not_found")
-        return model
+        """The body as a JSON object: application/json (400 otherwise, as OpenAI answers), at most
+        max_body_bytes (413, refused from Content-Length before reading), strict JSON, no
+        internal fields."""
+        if not is_json_type(media_type(request)):
+            raise ApiError(400, "Content-Type must be application/json", code="invalid_content_type")
+        return parse_body(await read_body(request, self.limits.max_body_bytes))
 
     def _sampling_params(self, body: dict[str, Any], *, chat: bool) -> dict[str, Any]:
-        params: dict[str, Any] = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+        refused = [k for k in SAMPLING_FIELDS if body.get(k) is not None and k not in self.pass_through]
+        if refused:
+            raise ApiError(400, f"'{refused[0]}' is not allowed by this frontend (allowed_parameters)", param=refused[0])
+        params: dict[str, Any] = {k: body[k] for k in self.pass_through if body.get(k) is not None}
         max_tokens = body.get("max_completion_tokens") if chat else None
         if max_tokens is None:
             max_tokens = body.get("max_tokens")
@@ -216,13 +211,6 @@ class OpenAIFrontend(Operator):
             raise ApiError(400, "logprobs are not supported", param="logprobs")
         parse_sampling(params)  # validate here: a 400 without a round trip to a worker
         return params
-
-    def _stream_flags(self, body: dict[str, Any]) -> tuple[bool, bool]:
-        stream = bool(body.get("stream", False))
-        opts = body.get("stream_options") or {}
-        if not isinstance(opts, dict):
-            raise ApiError(400, "stream_options must be an object", param="stream_options")
-        return stream, bool(opts.get("include_usage", False))
 
     def _generate(self, parameters: dict[str, Any]) -> AsyncIterator[Any]:
         return self.context.remote(self.target).async_infer(parameters=parameters, timeout_s=self.request_timeout_s)
@@ -246,23 +234,6 @@ class OpenAIFrontend(Operator):
 
         return web.json_response({"status": "ok", "target": self.target})
 
-    def _model_card(self, name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": self.created, "owned_by": "tdist", "root": name}
-
-    async def handle_models(self, request: Any) -> Any:
-        from aiohttp import web
-
-        names = await self.refresh_models()
-        return web.json_response({"object": "list", "data": [self._model_card(m) for m in names]})
-
-    async def handle_model(self, request: Any) -> Any:
-        from aiohttp import web
-
-        name = request.match_info["model"]
-        if name not in await self.refresh_models() and name not in await self.refresh_models(force=True):
-            raise ApiError(404, f"The model `{name}` does not exist", param="model", code="model_not_found")
-        return web.json_response(self._model_card(name))
-
     async def handle_completions(self, request: Any) -> Any:
         body = await self._json_body(request)
         model = await self._check_model(body)
@@ -285,15 +256,20 @@ class OpenAIFrontend(Operator):
 
     async def _answer(self, request: Any, body: dict[str, Any], model: str, params: dict[str, Any], *, chat: bool) -> Any:
         """One completion (text or chat), whole or as SSE, in OpenAI's shapes."""
-        from aiohttp import web
-
-        stream, include_usage = self._stream_flags(body)
+        stream, include_usage = stream_flags(body)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
 
         def head(kind: str) -> dict[str, Any]:
             return {"id": rid, "object": kind, "created": created, "model": model}
+
+        with self.admission:  # 429 past max_concurrent_requests
+            return await self._respond(request, params, stream, include_usage, head, obj, chat)
+
+    async def _respond(self, request: Any, params: dict[str, Any], stream: bool, include_usage: bool, head: Any, obj: str,
+                       chat: bool) -> Any:
+        from aiohttp import web
 
         self.counts["requests"] += 1
         self.counts["inflight"] += 1

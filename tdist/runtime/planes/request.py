@@ -18,13 +18,13 @@ import time
 from typing import Any, AsyncIterator
 
 import tdist.runtime.protocol as P
-from tdist.errors import NoWorkerError, PayloadTooLarge, RequestError, RequestTimeout, WorkerLost
+from tdist.errors import NoWorkerError, RequestError, RequestTimeout, WorkerLost
 from tdist.runtime.calls import Response, current_client, current_request
 from tdist.runtime.config import DataPlaneConfig, DiscoveryConfig, RequestPlaneConfig
 from tdist.runtime.planes.codec import TensorCodec, decode_tensors, encode_tensors, make_codec
 from tdist.runtime.planes.discovery import Discovery, make_discovery
 from tdist.runtime.planes.discovery_entry import WorkerEntry
-from tdist.runtime.planes.request_nats import NatsRequestPlane, resolve_nats_url
+from tdist.runtime.planes.request_nats import NatsRequestPlane, check_size, resolve_nats_url
 from tdist.runtime.planes.request_plane import Listener, RequestPlane
 
 log = logging.getLogger("tdist.request")
@@ -284,15 +284,10 @@ class RequestClient:
                 await self.cancel(rid)
 
     async def _publish(self, msg: P.RequestMessage, payload: bytes) -> None:
-        limit = self.plane.max_payload
-        if len(payload) > limit:
-            raise PayloadTooLarge(
-                f"request is {len(payload)} bytes, over the NATS max_payload of {limit}; "
-                "use data_plane: auto/ucx/shm so big tensors travel by reference",
-                operator=msg.operator,
-                request_id=msg.id,
-                detail={"bytes": len(payload), "max_payload": limit},
-            )
+        # headers count (the server's limit is on headers + payload); the largest header set a
+        # transport sends (with JetStream's Nats-Msg-Id), so every transport answers alike
+        check_size(self.plane.max_payload, payload, P.request_headers(msg, msg_id=True),
+                   operator=msg.operator, request_id=msg.id)
         await self.plane.submit(msg, payload)
 
     async def _check_alive(self, watch: "_Watch", operator: str, rid: str) -> None:

@@ -85,6 +85,21 @@ async def ensure_stream(js: Any, deployment: str) -> None:
         await js.stream_info(name)  # created by someone else meanwhile; raise if truly missing
 
 
+def check_size(max_payload: int, payload: bytes, headers: dict[str, str] | None, *,
+               operator: str | None = None, request_id: str | None = None, what: str = "request") -> None:
+    """Raise PayloadTooLarge, before anything is published, when headers + payload exceed the
+    server's max_payload. nats-server closes the whole connection on such a message (every
+    request on it is disturbed); nats-py's own check counts the payload only."""
+    size = len(payload) + P.headers_size(headers)
+    if size > max_payload:
+        raise PayloadTooLarge(
+            f"{what} is {size} bytes ({len(payload)} payload + {size - len(payload)} header), over the NATS "
+            f"max_payload of {max_payload}; use data_plane: auto/ucx/shm so big tensors travel by reference",
+            operator=operator, request_id=request_id,
+            detail={"bytes": size, "max_payload": max_payload},
+        )
+
+
 class _Subscription:
     def __init__(self, sub: Any) -> None:
         self._sub = sub
@@ -132,7 +147,10 @@ class NatsRequestPlane:
         return _Subscription(await self.nc.subscribe(inbox + ".*", cb=on_msg))
 
     async def submit(self, msg: P.RequestMessage, payload: bytes) -> None:
-        headers = {P.HDR_REPLY: msg.reply, P.HDR_ID: msg.id, P.HDR_DEADLINE: repr(msg.deadline)}
+        headers = P.request_headers(msg)
+        acked = msg.instance is None and not self._stream_known  # js.publish adds Nats-Msg-Id
+        check_size(self.max_payload, payload, P.request_headers(msg, msg_id=True) if acked else headers,
+                   operator=msg.operator, request_id=msg.id)
         try:
             if msg.instance is not None:
                 # with a reply subject, the server answers "no responders" when nobody listens
@@ -148,7 +166,7 @@ class NatsRequestPlane:
                 await self.js.publish(
                     P.request_subject(self.deployment, msg.operator),
                     payload,
-                    headers={**headers, "Nats-Msg-Id": msg.id},
+                    headers=P.request_headers(msg, msg_id=True),
                     timeout=max(0.1, min(5.0, msg.deadline - time.time())),
                 )
                 self._stream_known = True

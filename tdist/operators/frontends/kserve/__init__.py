@@ -9,14 +9,24 @@ that stream partial responses).
 
 Parameters: host (127.0.0.1), http_port (or port; 8000), grpc_port (8001; null disables gRPC),
 request_timeout_s (60), models (names answered with 503 rather than 404 while no worker
-serves them; `targets` count too). Port 0 picks a free port; the bound ports are logged
-("KServe frontend listening: ...") and reported by stats().
+serves them; `targets` count too), max_body_bytes (64 MiB, HTTP and gRPC), max_deadline_s
+(request_timeout_s), allowed_parameters (any but internal ones), cors_origins (none),
+max_concurrent_requests (none; past it 429 / RESOURCE_EXHAUSTED). Port 0
+picks a free port; the bound ports are logged ("KServe frontend listening: ...") and reported
+by stats().
+
+Only the targets and `models` are models: other operators of the deployment answer 404 (a
+frontend built without targets, which a graph never yields, serves every operator). Hostile
+input is refused early (guards.py): 413 from Content-Length before reading, 415 for form/text
+bodies, 400 for shapes, datatypes and element counts (checked before any allocation), for
+internal or unlisted parameters and non-finite deadlines.
 
 Model metadata/config come from each operator's discovery entry: an operator whose stats()
 carries `model_metadata` / `model_config` (TritonCoreOperator does: Triton's own answers) is
 described exactly; others get their name, `platform: tdist_<kind>` and no declared tensors.
 Errors: unknown model → 404 / NOT_FOUND; no ready worker → 503 / UNAVAILABLE; BadRequest →
-400 / INVALID_ARGUMENT; timeout → 504 / DEADLINE_EXCEEDED; operator failure → 500 / INTERNAL.
+400 / INVALID_ARGUMENT; too large → 413 / RESOURCE_EXHAUSTED; timeout → 504 /
+DEADLINE_EXCEEDED; operator failure → 500 / INTERNAL.
 
 Layout: codec.py (tensors ↔ JSON/raw bytes, pure), core.py (models from discovery, infer),
 http.py, grpc.py (the two protocols), frontend.py (the operator). This package re-exports

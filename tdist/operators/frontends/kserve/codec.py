@@ -6,6 +6,7 @@ errors are KServeError, which both protocols know how to answer.
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
@@ -54,11 +55,29 @@ def kserve_datatype(arr: np.ndarray) -> str:
     raise KServeError(500, "INTERNAL", f"output dtype {arr.dtype} has no KServe datatype")
 
 
-def numpy_of(datatype: str) -> np.dtype:
-    try:
-        return KSERVE_TO_NUMPY[datatype]
-    except KeyError:
-        raise bad(f"unsupported datatype {datatype!r}; use one of {', '.join(KSERVE_TO_NUMPY)}") from None
+def numpy_of(datatype: Any) -> np.dtype:
+    if not isinstance(datatype, str) or datatype not in KSERVE_TO_NUMPY:
+        raise bad(f"unsupported datatype {datatype!r}; use one of {', '.join(KSERVE_TO_NUMPY)}")
+    return KSERVE_TO_NUMPY[datatype]
+
+
+#: Limits on a shape, checked before anything is allocated: numpy's own dimension limits.
+MAX_DIMS = 32
+MAX_DIM = 2**31 - 1
+
+
+def element_count(shape: Any) -> int:
+    """Elements of a tensor of `shape` (a list of non-negative ints), in exact integers; 400 otherwise.
+
+    Checked before any allocation, so a shape of 50,000,000 with one element is a client error,
+    not a 50-million-slot array.
+    """
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMS:
+        raise bad(f"shape must be a list of at most {MAX_DIMS} integers (got {str(shape)[:80]})")
+    for d in shape:
+        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= MAX_DIM:
+            raise bad(f"shape {str(list(shape))[:80]}: every dimension must be an integer from 0 to {MAX_DIM}")
+    return math.prod(shape)
 
 
 def serialize_bytes(arr: np.ndarray) -> bytes:
@@ -70,28 +89,103 @@ def serialize_bytes(arr: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def deserialize_bytes(data: bytes, count: int) -> np.ndarray:
+def deserialize_bytes(data: Any, count: int) -> np.ndarray:
+    """Raw BYTES (length-prefixed elements) → object array; the count is checked against the
+    data's length before the array is allocated (each element takes at least 4 bytes)."""
+    if count * 4 > len(data):
+        raise bad(f"BYTES tensor of {count} elements needs at least {count * 4} bytes; got {len(data)}")
     out = np.empty(count, dtype=object)
     pos = 0
     for i in range(count):
         if pos + 4 > len(data):
             raise bad("truncated BYTES tensor")
         (n,) = struct.unpack_from("<I", data, pos)
+        if pos + 4 + n > len(data):
+            raise bad(f"BYTES element {i} claims {n} bytes; only {len(data) - pos - 4} remain")
         out[i] = bytes(data[pos + 4 : pos + 4 + n])
         pos += 4 + n
     if pos != len(data):
-        raise bad("BYTES tensor has trailing data")
+        raise bad(f"BYTES tensor has {len(data) - pos} bytes of trailing data")
     return out
 
 
-def tensor_from_raw(datatype: str, shape: list[int], raw: bytes) -> np.ndarray:
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+def tensor_from_raw(datatype: Any, shape: Any, raw: Any) -> np.ndarray:
+    count = element_count(shape)
     if datatype == "BYTES":
         return deserialize_bytes(raw, count).reshape(shape)
     dt = numpy_of(datatype)
     if len(raw) != count * dt.itemsize:
-        raise bad(f"raw data is {len(raw)} bytes; {datatype}{shape} needs {count * dt.itemsize}")
+        raise bad(f"raw data is {len(raw)} bytes; {datatype}{list(shape)} needs {count * dt.itemsize}")
     return np.frombuffer(raw, dtype=dt.newbyteorder("<") if dt.itemsize > 1 else dt).reshape(shape).astype(dt)
+
+
+def _flatten(data: Any, limit: int) -> list[Any]:
+    """Nested JSON lists → flat list, iteratively (no recursion limit), refused past `limit` elements."""
+    if not isinstance(data, list):
+        data = [data]
+    if not any(isinstance(x, list) for x in data):
+        flat = data
+    else:
+        flat, stack = [], [iter(data)]
+        while stack:
+            for x in stack[-1]:
+                if isinstance(x, list):
+                    stack.append(iter(x))
+                    break
+                flat.append(x)
+                if len(flat) > limit:
+                    break
+            else:
+                stack.pop()
+                continue
+            if len(flat) > limit:
+                break
+    if len(flat) != limit:
+        raise bad(f"data has {'more than ' + str(limit) if len(flat) > limit else len(flat)} elements; the shape says {limit}")
+    return flat
+
+
+_KINDS = {"b": "BOOL", "i": "INT", "u": "UINT", "f": "FP"}
+
+
+def tensor_from_json(datatype: Any, shape: Any, data: Any) -> np.ndarray:
+    """JSON `data` (flat or nested, as KServe allows) → array; element count and element types
+    are checked against the shape and datatype before the tensor is built."""
+    count = element_count(shape)
+    if datatype == "BYTES":
+        flat = _flatten(data, count)
+        out = np.empty(count, dtype=object)
+        for i, x in enumerate(flat):
+            if not isinstance(x, str):
+                raise bad(f"BYTES data must be strings (element {i} is {type(x).__name__})")
+            out[i] = x.encode()
+        return out.reshape(shape)
+    dt = numpy_of(datatype)
+    flat = _flatten(data, count)
+    try:
+        found = np.array(flat)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise bad(f"data does not fit {datatype}{list(shape)}: {exc}") from None
+    if count and not _fits(found.dtype.kind, datatype):
+        raise bad(f"data does not fit {datatype}{list(shape)}: elements must be "
+                  f"{'true/false' if datatype == 'BOOL' else 'integers' if dt.kind in 'iu' else 'numbers'}")
+    try:
+        if dt.kind in "iu" and count:
+            info = np.iinfo(dt)
+            if int(found.min()) < info.min or int(found.max()) > info.max:
+                raise bad(f"data does not fit {datatype}: values must lie in [{info.min}, {info.max}]")
+        arr = found.astype(np.float32 if datatype == "BF16" else dt)
+        return arr.astype(dt).reshape(shape)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise bad(f"data does not fit {datatype}{list(shape)}: {exc}") from None
+
+
+def _fits(kind: str, datatype: str) -> bool:
+    if datatype == "BOOL":
+        return kind == "b"
+    if datatype.startswith(("INT", "UINT")):
+        return kind in "iu"
+    return kind in "iuf"  # FP16/32/64, BF16
 
 
 def tensor_to_raw(arr: np.ndarray) -> bytes:
@@ -100,21 +194,6 @@ def tensor_to_raw(arr: np.ndarray) -> bytes:
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     return np.ascontiguousarray(arr).tobytes()
-
-
-def tensor_from_json(datatype: str, shape: list[int], data: Any) -> np.ndarray:
-    if datatype == "BYTES":
-        flat = np.array(data, dtype=object).reshape(-1)
-        out = np.empty(flat.size, dtype=object)
-        for i, x in enumerate(flat):
-            out[i] = x.encode() if isinstance(x, str) else bytes(x)
-        return out.reshape(shape)
-    dt = numpy_of(datatype)
-    try:
-        arr = np.array(data, dtype=np.float32 if datatype == "BF16" else dt)
-        return arr.astype(dt).reshape(shape)
-    except (ValueError, TypeError) as exc:
-        raise bad(f"data does not fit {datatype}{shape}: {exc}") from None
 
 
 def tensor_to_json(arr: np.ndarray) -> list[Any]:

@@ -12,7 +12,8 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
-from tdist.errors import BadRequest, NoWorkerError, RequestError, RequestTimeout
+from tdist.errors import BadRequest, NoWorkerError, PayloadTooLarge, RequestError, RequestTimeout
+from tdist.operators.frontends.guards import DEFAULT_MAX_BODY_BYTES, Admission, ClientError, FrontendLimits
 from tdist.operators.frontends.kserve.codec import KServeError, bad, wire_parameters
 from tdist.runtime.operator import RemoteOperator
 from tdist.runtime.planes.discovery_entry import WorkerEntry
@@ -59,16 +60,30 @@ class InferResult:
 
 
 class KServeCore:
-    """What both protocols answer; `client` is a RequestClient (or a fake with workers()/infer())."""
+    """What both protocols answer; `client` is a RequestClient (or a fake with workers()/infer()).
 
-    def __init__(self, client: Any, *, known: list[str] | None = None, timeout_s: float = 60.0, exclude: list[str] | None = None) -> None:
+    `reachable`: the only operators clients may see and call (the frontend's targets and
+    `models`); None — a frontend built without targets, which the graph never yields — serves
+    every operator of the deployment.
+    """
+
+    def __init__(self, client: Any, *, known: list[str] | None = None, timeout_s: float = 60.0, exclude: list[str] | None = None,
+                 reachable: list[str] | None = None, limits: FrontendLimits | None = None) -> None:
         self.client = client
         self.known = set(known or [])
         self.exclude = set(exclude or [])
+        self.reachable = set(reachable) if reachable else None
         self.timeout_s = timeout_s
+        self.limits = limits or FrontendLimits(DEFAULT_MAX_BODY_BYTES["kserve"], timeout_s)
+        self.admission = Admission(self.limits.max_concurrent_requests)
         self.started_at = time.time()
         self.requests = 0
         self.errors = 0
+
+    def check_reachable(self, name: str) -> None:
+        """404 for an operator outside the frontend's targets, before anything else is done."""
+        if name in self.exclude or (self.reachable is not None and name not in self.reachable):
+            raise KServeError(404, "NOT_FOUND", f"Request for unknown model: '{name}' is not found")
 
     async def models(self) -> dict[str, ModelInfo]:
         out: dict[str, ModelInfo] = {n: ModelInfo(n) for n in self.known if n not in self.exclude}
@@ -79,7 +94,7 @@ class KServeCore:
                 continue
             for name in entry.operators:
                 kind = entry.kinds.get(name, "python")
-                if kind == "frontend" or name in self.exclude:
+                if kind == "frontend" or name in self.exclude or (self.reachable is not None and name not in self.reachable):
                     continue
                 info = out.setdefault(name, ModelInfo(name, kind))
                 info.kind = kind
@@ -93,6 +108,7 @@ class KServeCore:
         return out
 
     async def model(self, name: str, version: str | None = None) -> ModelInfo:
+        self.check_reachable(name)
         info = (await self.models()).get(name)
         if info is None:
             raise KServeError(404, "NOT_FOUND", f"Request for unknown model: '{name}' is not found")
@@ -105,13 +121,12 @@ class KServeCore:
     ) -> AsyncIterator[InferResult]:
         """Every response of the operator (partials, then the final), as KServe results."""
         info = await self.model(name, version)
+        parameters, timeout_s = self.client_parameters(parameters)
+        try:
+            self.admission.__enter__()  # held until the last response: 429 past max_concurrent_requests
+        except ClientError as exc:
+            raise KServeError(429, "RESOURCE_EXHAUSTED", exc.message) from None
         self.requests += 1
-        timeout_s = float(parameters.pop("timeout_s", self.timeout_s))
-        if "timeout" in parameters:  # KServe/Triton request parameter, in microseconds
-            try:
-                timeout_s = float(parameters.pop("timeout")) / 1e6
-            except (TypeError, ValueError):
-                raise bad("request parameter 'timeout' must be microseconds (a number)") from None
         try:
             async for resp in RemoteOperator(name, client=self.client).async_infer(inputs, parameters, timeout_s=timeout_s):
                 outs = {k: (v if isinstance(v, np.ndarray) else np.asarray(v)) for k, v in resp.outputs.items()}
@@ -122,6 +137,9 @@ class KServeCore:
         except NoWorkerError as exc:
             self.errors += 1
             raise KServeError(503, "UNAVAILABLE", exc.render()) from None
+        except PayloadTooLarge as exc:
+            self.errors += 1
+            raise KServeError(413, "RESOURCE_EXHAUSTED", exc.render()) from None
         except BadRequest as exc:
             self.errors += 1
             raise KServeError(400, "INVALID_ARGUMENT", exc.render()) from None
@@ -131,6 +149,32 @@ class KServeCore:
         except RequestError as exc:
             self.errors += 1
             raise KServeError(500, "INTERNAL", exc.render()) from None
+        finally:
+            self.admission.__exit__()
+
+    def client_parameters(self, parameters: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """(parameters passed to the operator, deadline in seconds) from a client's parameters.
+
+        The deadline comes from `timeout` (KServe/Triton: microseconds) or `timeout_s`, capped by
+        max_deadline_s; what is internal to the deployment or outside allowed_parameters is a 400.
+        """
+        params = dict(parameters)
+        timeout_s = self.timeout_s
+        try:
+            if "timeout_s" in params:
+                timeout_s = self.limits.deadline(params.pop("timeout_s"), self.timeout_s, param="timeout_s")
+            if "timeout" in params:  # KServe/Triton request parameter, in microseconds
+                us = params.pop("timeout")
+                if isinstance(us, bool) or not isinstance(us, (int, float)):
+                    raise bad("request parameter 'timeout' must be microseconds (a number)")
+                try:
+                    seconds: Any = us / 1e6
+                except OverflowError:  # an integer beyond any float: deadline() caps or refuses it
+                    seconds = us
+                timeout_s = self.limits.deadline(seconds, self.timeout_s, param="timeout")
+            return self.limits.check_parameters(params), min(timeout_s, self.limits.max_deadline_s)
+        except ClientError as exc:
+            raise KServeError(exc.status, "INVALID_ARGUMENT", exc.message) from None
 
     async def infer(self, name: str, version: str | None, inputs: dict[str, np.ndarray], parameters: dict[str, Any], request_id: str | None) -> InferResult:
         """Non-streaming: outputs of all responses merged (later ones win), the final's parameters."""

@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 from tdist.errors import BadRequest, OperatorLoadError
+from tdist.operators.frontends.guards import FrontendLimits
 from tdist.operators.frontends.kserve.core import KServeCore
 from tdist.operators.frontends.kserve.grpc import KServeGRPC
 from tdist.operators.frontends.kserve.http import KServeHTTP
@@ -27,8 +28,15 @@ class KServeFrontend(Operator):
         self.http_port = int(p.get("http_port", p.get("port", 8000)))
         grpc_port = p.get("grpc_port", 8001)
         self.grpc_port = None if grpc_port is None else int(grpc_port)
-        self.timeout_s = float(p.get("request_timeout_s", 60.0))
+        self.timeout_s = float(p.get("request_timeout_s") or 60.0)
         self.known = list(context.config.targets) + list(p.get("models") or [])
+        try:
+            self.limits = FrontendLimits.of(p, "kserve", request_timeout_s=self.timeout_s)
+        except ValueError as exc:
+            raise OperatorLoadError(f"KServe frontend {self.name!r}: {exc}") from None
+        #: clients reach the targets and `models` only (every operator when there are no targets:
+        #: a frontend built by hand; the graph always gives targets)
+        self.reachable = self.known if context.config.targets else None
         self.core: KServeCore | None = None
         self.http: KServeHTTP | None = None
         self.grpc: KServeGRPC | None = None
@@ -38,8 +46,9 @@ class KServeFrontend(Operator):
         client = self.context.client or current_client.get()
         if client is None:
             raise RuntimeError("KServe frontend needs the worker's request client")
-        self.core = KServeCore(client, known=self.known, timeout_s=self.timeout_s, exclude=[self.name])
-        self.http = KServeHTTP(self.core)
+        self.core = KServeCore(client, known=self.known, timeout_s=self.timeout_s, exclude=[self.name],
+                               reachable=self.reachable, limits=self.limits)
+        self.http = KServeHTTP(self.core, self.limits)
         try:
             self.bound["http"] = await self.http.start(self.host, self.http_port)
         except OSError as exc:
@@ -85,4 +94,5 @@ class KServeFrontend(Operator):
             "grpc_port": self.bound.get("grpc"),
             "requests": self.core.requests if self.core else 0,
             "errors": self.core.errors if self.core else 0,
+            "max_body_bytes": self.limits.max_body_bytes,
         }

@@ -13,6 +13,7 @@ import numpy as np
 from tdist.operators.frontends.kserve.codec import (
     KServeError,
     bad,
+    element_count,
     kserve_datatype,
     tensor_from_json,
     tensor_from_raw,
@@ -57,6 +58,8 @@ def grpc_inputs(request: Any) -> dict[str, np.ndarray]:
         raise bad(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
     for i, t in enumerate(request.inputs):
         shape = [int(s) for s in t.shape]
+        if t.name in inputs:
+            raise bad(f"input '{t.name}' is given twice")
         if raw:
             inputs[t.name] = tensor_from_raw(t.datatype, shape, raw[i])
             continue
@@ -65,6 +68,8 @@ def grpc_inputs(request: Any) -> dict[str, np.ndarray]:
             raise bad(f"input '{t.name}': {t.datatype} must be sent as raw_input_contents")
         values = list(getattr(t.contents, fname))
         if t.datatype == "BYTES":
+            if len(values) != element_count(shape):
+                raise bad(f"input '{t.name}': {len(values)} BYTES elements; the shape {shape} says {element_count(shape)}")
             arr = np.empty(len(values), dtype=object)
             arr[:] = [bytes(v) for v in values]
             inputs[t.name] = arr.reshape(shape)
@@ -165,8 +170,10 @@ def make_grpc_servicer(core: KServeCore) -> Any:
 
 
 class KServeGRPC:
-    def __init__(self, core: KServeCore) -> None:
+    def __init__(self, core: KServeCore, *, max_message_bytes: int | None = None) -> None:
         self.core = core
+        #: gRPC refuses a bigger request itself (RESOURCE_EXHAUSTED) before handing it to us
+        self.max_message_bytes = max_message_bytes or core.limits.max_body_bytes
         self.server: Any = None
 
     async def start(self, host: str, port: int) -> int:
@@ -174,8 +181,8 @@ class KServeGRPC:
         from tritonclient.grpc import service_pb2_grpc as pbg
 
         opts = [
-            ("grpc.max_receive_message_length", 1 << 30),
-            ("grpc.max_send_message_length", 1 << 30),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", 1 << 30),  # answers: what the operators return
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a second listener
         ]
         self.server = grpc.aio.server(options=opts)
