@@ -128,3 +128,43 @@ async def test_kserve_answers_429_past_max_concurrent_requests() -> None:
         assert fe.core.admission.inflight == 0
     finally:
         await fe.stop()
+
+
+async def test_a_cancellation_swallowed_during_publish_still_cancels_the_request() -> None:
+    """A caller cancelled while the transport waits for its publish acknowledgement (JetStream's
+    PubAck through asyncio.wait_for) must not go on waiting for responses: on Python 3.11,
+    wait_for returns a result that arrives together with the cancellation and drops the latter
+    (how a KServe client's disconnect was lost under load). The request ends cancelled and its
+    cancellation reaches the workers."""
+    from tdist.runtime.planes.request_memory import MemoryRequestPlane
+
+    client = InProcessClient()
+    client.add("gate.0", Gate(make_context("gate")))
+    Gate.entered, Gate.release = asyncio.Event(), asyncio.Event()
+    acked: asyncio.Future = asyncio.get_running_loop().create_future()
+    sent = asyncio.Event()
+    plane = client.plane
+    assert isinstance(plane, MemoryRequestPlane)
+    submit = plane.submit
+
+    async def acked_submit(msg, payload) -> None:  # the transport's publish, then a PubAck wait
+        await submit(msg, payload)
+        sent.set()
+        await asyncio.wait_for(asyncio.shield(acked), 5)
+
+    plane.submit = acked_submit  # type: ignore[method-assign]
+    cancels: list[str] = []
+    await plane.on_cancel(cancels.append)
+
+    async def call() -> None:
+        await anext(client.infer("gate", inputs={"x": np.array([1])}, timeout_s=30))
+
+    task = asyncio.create_task(call())
+    await asyncio.wait_for(sent.wait(), 5)
+    acked.set_result(None)  # the acknowledgement and the cancellation land in the same loop turn
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert len(cancels) == 1
+    Gate.release.set()
+    await client.close()

@@ -213,6 +213,11 @@ class RequestClient:
         finished = False
         try:
             await self._publish(msg, payload)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # cancelled while the publish waited for JetStream's PubAck, and the cancellation was
+                # swallowed (Python 3.11's wait_for returns a result that arrives with the cancel)
+                raise asyncio.CancelledError
             accepted_attempt: int | None = None
             yielded = 0
             loop = asyncio.get_running_loop()
