@@ -1,4 +1,4 @@
-"""The request plane survives its nats-server (issue 15): kill -9 mid-load, an outage, a taken port.
+"""The request plane survives its nats-server (issue 15): kill -9 mid-load, an outage, a lost stream.
 
 Real nats-server processes and real deployments of graphs/hello_world_python.yaml (`tdist deploy
 --detach`: the real local supervisor). Each load is bounded and counts every request's outcome:
@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from tdist.errors import RequestError
+from tdist.errors import RequestError, RequestPlaneDown
 from tdist.launch.nats import NatsPortTaken, start_nats
 from tdist.launch.rundir import RunRecord
 from tdist.runtime import protocol as P
@@ -216,6 +216,32 @@ def test_an_outage_of_an_external_server(env: dict[str, str], tmp_path: Path) ->
         server.stop()
 
 
+def test_a_missing_stream_is_request_plane_down_at_the_caller(env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """The deployment's work-queue stream deleted under a running deployment: a request is not
+    silently dropped, its caller gets RequestPlaneDown at once."""
+    graph = make_graph(tmp_path, "nats-nostream")
+    state_file = deploy(graph, env)
+    try:
+        url = RunRecord.load(state_file).nats.url
+
+        async def scenario() -> None:
+            client = await RequestClient.connect(url, "nats-nostream")
+            try:
+                await fresh_requests_succeed(client, 5)
+                await client.js.delete_stream(P.stream_name("nats-nostream"))
+                t0 = time.monotonic()
+                with pytest.raises(RequestPlaneDown, match="no request stream"):
+                    async for _ in client.infer("encoder_decoder", inputs={"input": np.arange(3)}, timeout_s=30):
+                        pass
+                assert time.monotonic() - t0 < 5  # at once, not at the deadline
+            finally:
+                await client.close()
+
+        asyncio.run(scenario())
+    finally:
+        stop_and_check(env, state_file)
+
+
 def test_restart_keeps_port_and_store_and_a_taken_port_is_an_error(tmp_path: Path) -> None:
     """NatsServer.restart: the same port, and JetStream recovers a file stream from the store;
     if another process holds the port, NatsPortTaken says so."""
@@ -287,3 +313,40 @@ def test_a_taken_port_fails_the_deployment_cleanly(env: dict[str, str], tmp_path
     finally:
         squatter.close()
         tdist(["stop"], env, timeout=60)
+
+
+def test_a_full_stream_is_overloaded_and_a_stored_request_is_acknowledged(tmp_path: Path) -> None:
+    """submit() returns once JetStream stored the request (the stream counts it); a stream that
+    refuses it (full, discard new) is Overloaded at the caller, not silence."""
+    from nats.js.api import DiscardPolicy
+
+    from tdist.errors import Overloaded
+    from tdist.runtime.planes.request_nats import NatsRequestPlane
+
+    server = start_nats(work_dir=str(tmp_path / "n"))
+
+    async def scenario() -> None:
+        plane = await NatsRequestPlane.connect(server.url, "full")
+        try:
+            await plane.ensure_stream()
+            name = P.stream_name("full")
+            cfg = (await plane.js.stream_info(name)).config
+            cfg.max_msgs, cfg.discard = 2, DiscardPolicy.NEW
+            await plane.js.update_stream(cfg)
+
+            def msg(i: int) -> P.RequestMessage:
+                return P.RequestMessage(id=f"r{i}", operator="op", inputs={}, parameters={},
+                                        deadline=time.time() + 10, reply=f"_INBOX.t.r{i}")
+
+            for i in range(2):
+                await plane.submit(msg(i), P.encode_request(msg(i)))
+                assert (await plane.js.stream_info(name)).state.messages == i + 1  # stored when submit returned
+            with pytest.raises(Overloaded, match="maximum messages"):
+                await plane.submit(msg(2), P.encode_request(msg(2)))
+        finally:
+            await plane.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()

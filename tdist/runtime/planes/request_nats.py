@@ -7,6 +7,10 @@ more and the stream holds the rest for other replicas: that is the backpressure.
 acked after its final response; if the worker dies first, JetStream redelivers it after
 `ack_wait_s`. Directed requests (one instance), responses and cancellations go over core NATS.
 
+A queued request is accepted once JetStream has stored it: every one is published with its PubAck
+awaited (many in flight at once on one shared reply subscription), so a missing or full stream
+reaches the caller typed (RequestPlaneDown, Overloaded), never as silence.
+
 Surviving NATS restarts and outages is NATS's own reconnect: it never gives up (deadlines bound
 requests, attempt counts do not), buffers at most `PENDING_SIZE` bytes of publishes meanwhile, and
 re-sends core subscriptions. What lives on the server (the stream, durable consumers, outstanding
@@ -25,10 +29,11 @@ from typing import Any, Callable
 
 import nats
 from nats.errors import ConnectionClosedError, MaxPayloadError, NoServersError, OutboundBufferLimitError
-from nats.js.errors import NoStreamResponseError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import APIError, NoStreamResponseError
 
 import tdist.runtime.protocol as P
-from tdist.errors import NoWorkerError, PayloadTooLarge, RequestPlaneDown, RequestTimeout, TdistError
+from tdist.errors import Overloaded, PayloadTooLarge, RequestPlaneDown, RequestTimeout, TdistError
 from tdist.runtime.config import RequestPlaneConfig
 from tdist.runtime.planes.request_plane import Delivery
 
@@ -59,7 +64,11 @@ async def connect_nats(url: str, *, name: str = "tdist", connect_timeout_s: floa
     """Connect once (an unreachable URL is an error that names it); once connected, reconnect
     forever: a deployment outlives a nats-server restart, and deadlines bound each request."""
 
+    conn: list[Any] = []
+
     async def on_disconnected() -> None:
+        if conn and (conn[0].is_closed or conn[0].is_draining):
+            return  # our own close, not an outage
         log.warning("%s: request plane (NATS) disconnected; reconnecting", name)
         if disconnected_cb is not None:
             disconnected_cb()
@@ -70,7 +79,7 @@ async def connect_nats(url: str, *, name: str = "tdist", connect_timeout_s: floa
             await reconnected_cb()
 
     try:
-        return await nats.connect(
+        conn.append(await nats.connect(
             url,
             name=name,
             connect_timeout=connect_timeout_s,
@@ -81,7 +90,8 @@ async def connect_nats(url: str, *, name: str = "tdist", connect_timeout_s: floa
             error_cb=_quiet_error_cb,
             disconnected_cb=on_disconnected,
             reconnected_cb=on_reconnected,
-        )
+        ))
+        return conn[0]
     except (NoServersError, OSError, asyncio.TimeoutError) as exc:
         raise ConnectError(f"cannot connect to NATS at {url}: {type(exc).__name__}: {exc}") from None
 
@@ -136,7 +146,6 @@ class NatsRequestPlane:
         self.config = config or RequestPlaneConfig()
         self._owns = owns_connection
         self._keeps_stream = False  # a serving plane re-creates the stream after a reconnect
-        self._stream_known = False  # set after the first acknowledged publish into the stream
         self._intakes: list[_PullIntake] = []
         self._hooks: list[Callable[[], Any]] = []
         self.reconnects = 0
@@ -215,31 +224,40 @@ class NatsRequestPlane:
                     P.direct_subject(self.deployment, msg.operator, msg.instance), payload,
                     reply=msg.reply, headers=headers,
                 )
-            elif self._stream_known:
-                # The stream exists and a ready worker pulls from it (the client checked): a core
-                # publish is stored by JetStream without a PubAck round trip per request.
-                await self.nc.publish(P.request_subject(self.deployment, msg.operator), payload, headers=headers)
             else:
-                await self.js.publish(
-                    P.request_subject(self.deployment, msg.operator),
-                    payload,
-                    headers={**headers, "Nats-Msg-Id": msg.id},
-                    timeout=max(0.1, min(5.0, msg.deadline - time.time())),
-                )
-                self._stream_known = True
+                await self._store(msg, payload, headers)
         except MaxPayloadError as exc:
             raise PayloadTooLarge(str(exc), operator=msg.operator, request_id=msg.id) from None
-        except NoStreamResponseError:
-            raise NoWorkerError(
-                f"deployment {self.deployment!r} has no request stream (no worker ever started)",
-                operator=msg.operator,
-                request_id=msg.id,
-            ) from None
-        except asyncio.TimeoutError:
-            raise RequestTimeout("publishing the request timed out", operator=msg.operator, request_id=msg.id) from None
         except (OutboundBufferLimitError, ConnectionClosedError) as exc:
             raise RequestPlaneDown(f"the request plane (NATS) is unreachable: {type(exc).__name__}",
                                    operator=msg.operator, request_id=msg.id) from None
+
+    async def _store(self, msg: P.RequestMessage, payload: bytes, headers: dict[str, str]) -> None:
+        """Publish into the work queue and wait for JetStream's PubAck until the deadline: accepted
+        means stored. Many wait at once on the connection's one shared reply subscription (nats-py's
+        request mux), so the cost is latency, not throughput. Not `publish_async`: in nats-py 2.16 its
+        reply handler raises an error reply instead of failing the future, which then never ends."""
+        try:
+            await self.js.publish(P.request_subject(self.deployment, msg.operator), payload,
+                                  headers={**headers, "Nats-Msg-Id": msg.id},
+                                  timeout=max(0.05, msg.deadline - time.time()))
+        except NoStreamResponseError:
+            raise RequestPlaneDown(f"deployment {self.deployment!r} has no request stream, so nothing stored the "
+                                   "request (no worker started, or the stream was lost)",
+                                   operator=msg.operator, request_id=msg.id) from None
+        except APIError as exc:
+            text = f"{exc.description or exc}"
+            if "exceeded" in text or "limit" in text:
+                raise Overloaded(f"the work queue refused the request: {text}", operator=msg.operator,
+                                 request_id=msg.id, detail={"err_code": exc.err_code}) from None
+            raise RequestPlaneDown(f"JetStream did not store the request: {text}", operator=msg.operator,
+                                   request_id=msg.id, detail={"err_code": exc.err_code}) from None
+        except (asyncio.TimeoutError, NatsTimeoutError):
+            if not self.connected:
+                raise RequestPlaneDown("the request plane (NATS) was unreachable until the deadline; the request "
+                                       "was not confirmed stored", operator=msg.operator, request_id=msg.id) from None
+            raise RequestTimeout("JetStream did not confirm storing the request before its deadline",
+                                 operator=msg.operator, request_id=msg.id) from None
 
     async def cancel(self, request_id: str) -> None:
         try:
