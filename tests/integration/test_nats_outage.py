@@ -350,3 +350,17 @@ def test_a_full_stream_is_overloaded_and_a_stored_request_is_acknowledged(tmp_pa
         asyncio.run(scenario())
     finally:
         server.stop()
+
+
+def test_the_first_connect_to_an_unreachable_url_fails_fast() -> None:
+    """Endless reconnects are for a connection that was up: a URL that never answers is a
+    ConnectError naming it, within seconds (`tdist status` / `infer` must not hang on it)."""
+    from tdist.runtime.planes.request_nats import ConnectError, connect_nats
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        t0 = time.monotonic()
+        with pytest.raises(ConnectError, match=f"127.0.0.1:{port}"):
+            asyncio.run(asyncio.wait_for(connect_nats(f"nats://127.0.0.1:{port}"), 30))
+        assert time.monotonic() - t0 < 10

@@ -83,7 +83,8 @@ async def connect_nats(url: str, *, name: str = "tdist", connect_timeout_s: floa
             url,
             name=name,
             connect_timeout=connect_timeout_s,
-            max_reconnect_attempts=-1,
+            # bounded for the first connect (nats-py's -1 would retry an unreachable URL forever)
+            max_reconnect_attempts=3,
             reconnect_time_wait=0.25,
             allow_reconnect=True,
             pending_size=PENDING_SIZE,
@@ -91,6 +92,7 @@ async def connect_nats(url: str, *, name: str = "tdist", connect_timeout_s: floa
             disconnected_cb=on_disconnected,
             reconnected_cb=on_reconnected,
         ))
+        conn[0].options["max_reconnect_attempts"] = -1  # connected: from now on, never give up
         return conn[0]
     except (NoServersError, OSError, asyncio.TimeoutError) as exc:
         raise ConnectError(f"cannot connect to NATS at {url}: {type(exc).__name__}: {exc}") from None
