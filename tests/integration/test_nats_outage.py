@@ -11,6 +11,7 @@ record, discovery entries), bounded; no fixed sleeps.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -174,6 +175,11 @@ def test_kill_9_of_the_embedded_server_mid_load(env: dict[str, str], tmp_path: P
         rec = RunRecord.load(state_file)
         assert rec.nats.process is not None and rec.nats.process.pid != victim
         assert rec.nats.url == url  # same port: clients reconnected to the URL they knew
+        st = tdist(["status", "--json"], env)
+        assert st.returncode == 0, st.stdout + st.stderr
+        shown = json.loads(st.stdout)
+        assert shown["state"] == "ready" and shown["request_plane"]["state"] == "up", shown
+        assert shown["request_plane"]["restarts"] == 1, shown
     finally:
         stop_and_check(env, state_file)
 
@@ -308,6 +314,10 @@ def test_a_taken_port_fails_the_deployment_cleanly(env: dict[str, str], tmp_path
             rec = RunRecord.load(state_file)
         assert rec.state == "failed" and rec.nats.state == "down", rec.model_dump_json(indent=1)
         assert rec.error and f"port {port}" in rec.error and "taken" in rec.error
+        squatter.close()  # a listener that never speaks NATS would make status wait out its connect timeouts
+        st = tdist(["status", "--json", "--name", "nats-taken"], env)
+        shown = json.loads(st.stdout)
+        assert shown["state"] == "failed" and shown["request_plane"]["state"] == "down", shown
         procs = [w.process for w in rec.workers.values()] + [rec.nats.process, rec.supervisor]
         assert wait_dead([p.pid for p in procs if p is not None], timeout_s=60) == []
     finally:
