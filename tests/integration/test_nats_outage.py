@@ -22,11 +22,13 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+from nats.js.api import StorageType
 
 from tdist.errors import RequestError, RequestPlaneDown
 from tdist.launch.nats import NatsPortTaken, start_nats
 from tdist.launch.rundir import RunRecord
 from tdist.runtime import protocol as P
+from tdist.runtime.planes.discovery import bucket_name
 from tdist.runtime.planes.request import RequestClient
 from tests.integration.test_mpirun_deploy import env  # noqa: F401 - TDIST_HOME in tmp, no NATS_SERVER
 from tests.integration.test_mpirun_deploy import make_graph, tdist, wait_dead
@@ -234,6 +236,10 @@ def test_a_missing_stream_is_request_plane_down_at_the_caller(env: dict[str, str
             client = await RequestClient.connect(url, "nats-nostream")
             try:
                 await fresh_requests_succeed(client, 5)
+                info = await client.js.stream_info(P.stream_name("nats-nostream"))
+                assert info.config.storage == StorageType.FILE  # durable by default
+                kv = await client.js.stream_info("KV_" + bucket_name("nats-nostream"))
+                assert kv.config.storage == StorageType.FILE
                 await client.js.delete_stream(P.stream_name("nats-nostream"))
                 t0 = time.monotonic()
                 with pytest.raises(RequestPlaneDown, match="no request stream"):
