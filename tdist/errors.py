@@ -216,6 +216,19 @@ class DataPlaneError(RequestError):
     kind = "data_plane"
 
 
+class Overloaded(RequestError):
+    """The deployment's work queue is full (its stream refused the request): retry later."""
+
+    kind = "overloaded"
+
+
+class RequestPlaneDown(RequestError):
+    """The request plane cannot take the request: NATS unreachable, or the deployment's stream is
+    missing, so nothing stored it. Never accepted, so never run: safe to retry."""
+
+    kind = "request_plane_down"
+
+
 _REQUEST_ERRORS: dict[str, type[RequestError]] = {
     c.kind: c
     for c in (
@@ -228,5 +241,7 @@ _REQUEST_ERRORS: dict[str, type[RequestError]] = {
         WorkerLost,
         BadRequest,
         DataPlaneError,
+        Overloaded,
+        RequestPlaneDown,
     )
 }

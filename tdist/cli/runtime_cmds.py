@@ -261,9 +261,14 @@ def status(
     unhealthy = [c for c, v in components.items() if not any(w["state"] == "ready" for w in v["workers"])]
     if as_json:
         print(json.dumps({"deployment": state.deployment, "state": state.state, "nats_url": state.nats.url,
+                          "request_plane": request_plane_status(state),
                           "components": components, "unhealthy": unhealthy, "error": problem}, indent=2))
     else:
-        t = status_table(state.deployment, state.state, state.nats.url, components)
+        plane = request_plane_status(state)
+        url = state.nats.url
+        if url and plane["state"] not in (None, "up"):
+            url = f"{url} (request plane {plane['state']})"
+        t = status_table(state.deployment, state.state, url, components)
         out.print(t)
         if problem:
             err.print(f"[red]{problem}[/]")
@@ -271,6 +276,13 @@ def status(
             err.print(f"[red]no ready worker:[/] {', '.join(unhealthy)}")
     if unhealthy or problem:
         raise typer.Exit(1)
+
+
+def request_plane_status(state: Any) -> dict[str, Any]:
+    """The request plane's own state: what its supervisor recorded for an embedded server (up,
+    restarting, down), else None (an external server: tdist does not watch it)."""
+    return {"url": state.nats.url, "embedded": state.nats.embedded, "state": state.nats.state,
+            "restarts": state.nats.restarts}
 
 
 def status_table(deployment: str, run_state: str, nats_url: str | None, components: dict[str, dict[str, Any]]) -> Table:

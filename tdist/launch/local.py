@@ -26,7 +26,7 @@ from typing import Any
 
 from tdist.errors import LaunchError
 from tdist.launch.logs import tail_file
-from tdist.launch.nats import NatsServer, start_nats
+from tdist.launch.nats import NatsPortTaken, NatsServer, start_nats
 from tdist.launch.readiness import ProgressFn, wait_ready_in_discovery
 from tdist.launch.rundir import LaunchOptions, ProcessRecord, RunRecord, WorkerRecord
 from tdist.plan.emit import worker_command
@@ -73,6 +73,11 @@ class LocalSupervisor:
     etcd: Any = field(init=False, default=None)  # embedded etcd (discovery: etcd, endpoints: embedded)
     _procs: list[_Proc] = field(init=False, default_factory=list)
     _ranks: dict[str, int] = field(init=False, default_factory=dict)
+    #: restarts of the embedded nats-server: next try (monotonic), backoff, why it cannot come back
+    _nats_restart_at: float | None = field(init=False, default=None)
+    _nats_backoff_s: float = field(init=False, default=0.2)
+    _nats_up_since: float = field(init=False, default=0.0)
+    nats_failure: str | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -114,6 +119,8 @@ class LocalSupervisor:
             self.nats_url = f"nats://{advertise}:{self.nats.port}" if advertise else self.nats.url
             self.state.nats.embedded = True
             self.state.nats.process = ProcessRecord.of(self.nats.pid)
+            self.state.nats.state = "up"
+            self._nats_up_since = time.monotonic()
             try:
                 os.symlink(self.nats.log_path, self.run_dir / "logs" / "nats-server.log")
             except OSError:
@@ -221,11 +228,9 @@ class LocalSupervisor:
             if self._supervise_round(time.monotonic()):
                 self._update_deployment_state()
                 self.state.save()
-            if self.nats is not None and not self.nats.alive() and not self.state.error:
-                self.state.error = f"embedded nats-server died (exit {self.nats.process.returncode})"
-                self.state.state = "degraded"
-                self.state.save()
-                log.error(self.state.error)
+            if self.nats is not None and not await self._supervise_nats(time.monotonic()):
+                stop.set()  # the request plane cannot come back: stop cleanly, state failed
+                break
             try:
                 await asyncio.wait_for(stop.wait(), 0.2)
             except asyncio.TimeoutError:
@@ -267,12 +272,59 @@ class LocalSupervisor:
         if self.state.state not in ("ready", "degraded"):
             return
         broken = any(w.state in ("failed", "restarting") for w in self.state.workers.values())
+        broken = broken or self.state.nats.state not in (None, "up")
         self.state.state = "degraded" if broken else "ready"
+
+    async def _supervise_nats(self, now: float) -> bool:
+        """Restart a dead embedded nats-server with backoff, on its port and store directory
+        (NatsServer.restart), so every client reconnects to the URL it knows and JetStream recovers
+        what it stored. The deployment is degraded meanwhile. False: it cannot come back (its port
+        was taken), recorded as the deployment's error."""
+        srv = self.nats
+        assert srv is not None
+        if srv.alive():
+            if now - self._nats_up_since > 60:
+                self._nats_backoff_s = 0.2  # up for a minute: forget past deaths
+            return True
+        if self._nats_restart_at is None:
+            self._nats_restart_at = now + self._nats_backoff_s
+            self.state.nats.state = "restarting"
+            self._update_deployment_state()
+            self.state.save()
+            log.error("embedded nats-server died (exit %s); restarting in %.1f s", srv.process.returncode,
+                      self._nats_backoff_s)
+            return True
+        if now < self._nats_restart_at:
+            return True
+        self._nats_backoff_s = min(self.max_backoff_s, self._nats_backoff_s * 2)
+        try:
+            self.nats = await asyncio.to_thread(srv.restart)
+        except NatsPortTaken as exc:
+            self.nats_failure = self.state.error = exc.render()
+            self.state.nats.state = "down"
+            self.state.save()
+            log.error("%s", exc.render())
+            return False
+        except LaunchError as exc:
+            self._nats_restart_at = time.monotonic() + self._nats_backoff_s
+            log.error("embedded nats-server restart failed (next try in %.1f s): %s", self._nats_backoff_s, exc.render())
+            return True
+        self._nats_restart_at = None
+        self._nats_up_since = time.monotonic()
+        self.state.nats.process = ProcessRecord.of(self.nats.pid)
+        self.state.nats.state = "up"
+        self.state.nats.restarts += 1
+        self._update_deployment_state()
+        self.state.save()
+        log.warning("embedded nats-server restarted on port %d (pid %d)", self.nats.port, self.nats.pid)
+        return True
 
     # ---- stop -------------------------------------------------------------------------------
 
     async def stop(self, final_state: str = "stopped") -> None:
         """Drain workers in reverse start order by component, then stop NATS. Leaves no process."""
+        if self.nats_failure is not None and final_state == "stopped":
+            final_state = "failed"
         if self.state.state != "failed":
             self.state.state = "stopping"
             self.state.save()

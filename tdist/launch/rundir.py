@@ -178,6 +178,9 @@ class NatsRecord(_Model):
     url: str | None = None
     embedded: bool = False
     process: ProcessRecord | None = None
+    #: the request plane's own state, as its supervisor sees it (embedded servers): up, restarting, down
+    state: Literal["up", "restarting", "down"] | None = None
+    restarts: int = 0
 
 
 class EtcdRecord(_Model):

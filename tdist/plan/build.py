@@ -186,7 +186,7 @@ def build_plan(spec: GraphSpec, *, launcher: str = "local", run_dir: str | None 
     nats = NatsPlan.resolve(rp.url)
     request_plane = RequestPlaneConfig(
         url=nats.url, ack_wait_s=rp.ack_wait_s, max_deliver=rp.max_deliver,
-        heartbeat_interval_s=rp.heartbeat_interval_s, default_timeout_s=rp.default_timeout_s,
+        heartbeat_interval_s=rp.heartbeat_interval_s, default_timeout_s=rp.default_timeout_s, storage=rp.storage,
     )
     dp = spec.data_plane
     data_plane = DataPlaneConfig(kind=dp.kind, inline_threshold_bytes=dp.inline_threshold_bytes, lease_s=dp.lease_s,

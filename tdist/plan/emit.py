@@ -131,6 +131,27 @@ wait_port() {  # readiness: poll a TCP port until it accepts, bounded by $3 seco
 }"""
 
 
+#: The embedded nats-server, kept up by the script that owns it: restarted with backoff on the same
+#: port and store directory (clients reconnect to the URL they know; JetStream recovers its store).
+#: If another process took the port meanwhile, the job says so and ends (its clients know no other).
+_SUPERVISE_NATS = """\
+supervise_nats() {  # supervise_nats PORT STORE LOG: run nats-server, restart it with backoff
+  local port=$1 store=$2 log=$3 backoff=1 child=""
+  trap 'kill "$child" 2>/dev/null; exit 0' TERM
+  while true; do
+    "${STEP[@]}" nats-server -js -a 0.0.0.0 -p "$port" -sd "$store" >> "$log" 2>&1 &
+    child=$!
+    wait "$child" || true
+    if tail -n 20 "$log" | grep -qi "address already in use"; then
+      echo "tdist: nats-server cannot restart: port $port was taken; stopping the deployment" >&2
+      kill -TERM $$; exit 1
+    fi
+    echo "tdist: nats-server exited; restarting in $backoff s" >> "$log"
+    sleep "$backoff"; backoff=$(( backoff < 30 ? backoff * 2 : 30 ))
+  done
+}"""
+
+
 def emit_sbatch(plan: Plan, plan_path: str, *, python: str | None = None, nats_url: str | None = None,
                 etcd_endpoints: str | None = None) -> str:
     """A complete sbatch script: #SBATCH lines, env, embedded servers, service workers, the world.
@@ -169,8 +190,10 @@ def emit_sbatch(plan: Plan, plan_path: str, *, python: str | None = None, nats_u
     elif plan.nats.embedded:
         store = q(os.path.join(plan.run_dir, "nats"))
         log = q(os.path.join(plan.log_dir, "nats-server.log"))
-        lines += ["", "# Request plane: an embedded nats-server (JetStream) on the batch host.",
-                  f'"${{STEP[@]}}" nats-server -js -a 0.0.0.0 -p {s.nats_port} -sd {store} > {log} 2>&1 &',
+        lines += ["", "# Request plane: an embedded nats-server (JetStream) on the batch host, restarted if it dies.",
+                  _SUPERVISE_NATS,
+                  f": > {log}",
+                  f"supervise_nats {s.nats_port} {store} {log} &",
                   "PIDS+=($!)",
                   f'export NATS_SERVER="nats://${{HEAD_NODE}}:{s.nats_port}"',
                   f'wait_port "$HEAD_NODE" {s.nats_port} 30']

@@ -27,6 +27,7 @@ class RequestPlaneConfig(_Frozen):
     max_deliver: int = Field(3, description="Deliveries of one request before it is dropped as poison")
     heartbeat_interval_s: float = Field(1.0, description="How often a worker refreshes its discovery entry")
     default_timeout_s: float = Field(60.0, description="Deadline given to a request that names none")
+    storage: Literal["file", "memory"] = Field("file", description="JetStream storage of the work-queue stream and the discovery bucket (file: survives a server restart)")
 
 
 class DataPlaneConfig(_Frozen):

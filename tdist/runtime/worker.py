@@ -31,8 +31,8 @@ from tdist.runtime.operator import OperatorContext
 from tdist.runtime.planes.codec import TensorCodec, make_codec
 from tdist.runtime.planes.discovery import Discovery, make_discovery
 from tdist.runtime.planes.discovery_entry import OperatorStatus, WorkerEntry
-from tdist.runtime.planes.request import RequestClient
-from tdist.runtime.planes.request_nats import NatsRequestPlane, ensure_stream, resolve_nats_url
+from tdist.runtime.planes.request import RequestClient, follow_reconnects
+from tdist.runtime.planes.request_nats import NatsRequestPlane, resolve_nats_url
 from tdist.runtime.planes.request_plane import RequestPlane
 from tdist.runtime.serve import Cancellations, OperatorHost, ServingContext
 
@@ -98,14 +98,26 @@ class Worker:
             started_at=self.started_at,
             heartbeat_at=time.time(),
             metrics_port=self.metrics.port,
+            plane_reconnects=getattr(self.plane, "reconnects", 0),
+            plane_last_outage_s=getattr(self.plane, "last_outage_s", None),
         )
+
+    def _plane_down(self) -> bool:
+        """Cut off from NATS right now: a discovery write would only wait for its timeout (the
+        entry says so once the plane is back: _reconnected)."""
+        return getattr(self.plane, "connected", True) is False and self.config.discovery.kind == "nats"
 
     async def publish_entry(self) -> None:
         assert self.discovery is not None
+        if self._plane_down():
+            return
         try:
             await self.discovery.put(self.config.name, self.entry().to_wire())
         except Exception as exc:
             log.warning("discovery update failed: %s", exc)
+
+    async def _reconnected(self) -> None:
+        await self.publish_entry()
 
     async def _heartbeat(self) -> None:
         interval = self.config.request_plane.heartbeat_interval_s
@@ -121,8 +133,12 @@ class Worker:
         c = self.config
         url = resolve_nats_url(c.request_plane)
         plane = await NatsRequestPlane.connect(url, self.deployment, config=c.request_plane, name=f"tdist-worker-{c.name}")
-        await ensure_stream(plane.js, self.deployment)
-        discovery = make_discovery(c.discovery, self.deployment, js=plane.js)
+        await plane.ensure_stream()
+        discovery = make_discovery(c.discovery, self.deployment, js=plane.js, storage=c.request_plane.storage)
+        # after a reconnect: the stream and consumers first (the plane), then discovery, then our
+        # entry at once, saying we were cut off, instead of at the next heartbeat
+        follow_reconnects(plane, discovery)
+        plane.on_reconnect(self._reconnected)
         codec = make_codec(c.data_plane, host=_host_address(url))
         await codec.start()
         return await self.serve(plane, discovery, codec)
@@ -200,7 +216,7 @@ class Worker:
             t.cancel()
         for listener in self._listeners:
             await listener.close()
-        if deregister and self.discovery is not None:
+        if deregister and self.discovery is not None and not self._plane_down():
             try:
                 await self.discovery.delete(self.config.name)
             except Exception:

@@ -31,6 +31,9 @@ class RequestPlaneSpec(SpecModel):
     max_deliver: int = Field(3, ge=1, description="Deliveries of one request before it is dropped as poison")
     heartbeat_interval_s: float = Field(1.0, gt=0, description="Seconds between a worker's discovery heartbeats")
     default_timeout_s: float = Field(60.0, gt=0, description="Deadline in seconds for requests that name none")
+    storage: Literal["file", "memory"] = Field(
+        "file", description="Where the work-queue stream and the discovery bucket live: `file` survives a "
+        "nats-server restart (accepted requests are kept); `memory` is faster but loses them")
 
     @model_validator(mode="before")
     @classmethod

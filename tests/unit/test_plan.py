@@ -102,6 +102,16 @@ def test_embedded_request_plane_leaves_url_to_the_environment():
     assert p.workers[0].env["PYTHONPATH"] == str(ROOT / "examples" / "hello_world" / "operators")
 
 
+def test_request_plane_storage_is_file_by_default_and_the_graph_chooses_memory(plan: Plan):
+    """Durable by default (issue 15): the setting travels spec → plan → every WorkerConfig."""
+    assert {w.request_plane.storage for w in plan.workers} == {"file"}
+    fast = build_plan(parse_graph(GRAPH.replace("request_plane: nats://nats.example:4222",
+                                                "request_plane: {url: 'nats://nats.example:4222', storage: memory}"),
+                                  file="g.yaml", base_dir="/repo/graphs"), run_dir="/run")
+    assert {w.request_plane.storage for w in fast.workers} == {"memory"}
+    assert WorkerConfig.from_json(fast.workers[0].to_json()).request_plane.storage == "memory"
+
+
 def test_plan_json_is_read_by_the_runtime_without_tdist_plan(plan: Plan, tmp_path: Path):
     path = tmp_path / "plan.json"
     path.write_text(plan.model_dump_json())

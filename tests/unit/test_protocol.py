@@ -94,3 +94,14 @@ def test_subjects_are_namespaced_tokens() -> None:
     assert P.request_subject("a", "x") != P.request_subject("b", "x")
     assert P.stream_name("a.b") == "TDIST_a-b"
     assert len({P.new_request_id() for _ in range(1000)}) == 1000
+
+
+def test_overloaded_and_request_plane_down_cross_the_wire_typed() -> None:
+    """Issue 15's request-plane errors keep their class (and data) across a hop."""
+    from tdist.errors import Overloaded, RequestPlaneDown
+
+    for cls, kind in ((Overloaded, "overloaded"), (RequestPlaneDown, "request_plane_down")):
+        err = cls("why", operator="op", request_id="r1", detail={"err_code": 10077})
+        back = RequestError.from_wire(err.to_wire())
+        assert type(back) is cls and back.kind == kind
+        assert (back.message, back.operator, back.request_id, back.detail) == ("why", "op", "r1", {"err_code": 10077})

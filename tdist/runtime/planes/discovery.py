@@ -65,10 +65,11 @@ class NatsKVDiscovery:
     for ttl_s are left out: the bucket's max-age expiry removes them without telling watchers.
     """
 
-    def __init__(self, js: Any, deployment: str, ttl_s: float = 5.0) -> None:
+    def __init__(self, js: Any, deployment: str, ttl_s: float = 5.0, storage: str = "file") -> None:
         self._js = js
         self.deployment = deployment
         self.ttl_s = ttl_s
+        self.storage = storage  # file: the bucket survives a nats-server restart
         self._kv: Any = None
         self._view: dict[str, dict[str, Any]] = {}
         self._watcher: Any = None
@@ -85,9 +86,21 @@ class NatsKVDiscovery:
                 self._kv = await self._js.key_value(name)
             except Exception:
                 self._kv = await self._js.create_key_value(
-                    KeyValueConfig(bucket=name, ttl=self.ttl_s, history=1, storage=StorageType.MEMORY)
+                    KeyValueConfig(bucket=name, ttl=self.ttl_s, history=1,
+                                   storage=StorageType.MEMORY if self.storage == "memory" else StorageType.FILE)
                 )
         return self._kv
+
+    async def reconnected(self) -> None:
+        """After a reconnect (the server may have restarted): the bucket may be gone (memory
+        storage) and the watcher's consumer with it, so both are re-created, the view at once."""
+        self._kv = None
+        had_view = self._follow_task is not None
+        self._starting = None
+        await self._stop_view()
+        await self._bucket()
+        if had_view:
+            await self._ensure_view()
 
     async def put(self, key: str, entry: dict[str, Any]) -> None:
         kv = await self._bucket()
@@ -182,12 +195,13 @@ def _fresh(data: dict[str, Any], now: float, ttl_s: float) -> bool:
     return beat is None or now - beat <= ttl_s
 
 
-def make_discovery(config: DiscoveryConfig, deployment: str, *, js: Any = None) -> Discovery:
-    """Build the configured discovery. NATS KV needs the JetStream context of the request plane."""
+def make_discovery(config: DiscoveryConfig, deployment: str, *, js: Any = None, storage: str = "file") -> Discovery:
+    """Build the configured discovery. NATS KV needs the JetStream context of the request plane
+    (and its storage: the bucket lives where the work queue does)."""
     if config.kind == "nats":
         if js is None:
             raise ValueError("NATS KV discovery needs a JetStream context")
-        return NatsKVDiscovery(js, deployment, ttl_s=config.ttl_s)
+        return NatsKVDiscovery(js, deployment, ttl_s=config.ttl_s, storage=storage)
     if config.kind == "etcd":
         import os
 

@@ -53,6 +53,10 @@ class WorkerEntry(BaseModel):
     started_at: float | None = Field(None, description="time.time() at process start")
     heartbeat_at: float | None = Field(None, description="time.time() of this publication")
     metrics_port: int | None = None
+    plane_reconnects: int = Field(0, description="Times this worker lost the request plane (NATS) and got it back")
+    plane_last_outage_s: float | None = Field(
+        None, description="Seconds this worker was cut off from the request plane the last time (it could not say "
+        "so meanwhile: its entry tells once it can write again)")
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> "WorkerEntry":
@@ -69,7 +73,13 @@ class WorkerEntry(BaseModel):
             return None
 
     def to_wire(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The published dict. The request-plane outage keys appear once there was an outage to
+        tell of, so what readers see of a worker that never lost NATS does not change."""
+        data = self.model_dump(mode="json")
+        if not self.plane_reconnects:
+            data.pop("plane_reconnects", None)
+            data.pop("plane_last_outage_s", None)
+        return data
 
     # -- what readers ask ----------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import time
 from typing import Any, AsyncIterator
 
 import tdist.runtime.protocol as P
-from tdist.errors import NoWorkerError, RequestError, RequestTimeout, WorkerLost
+from tdist.errors import NoWorkerError, RequestError, RequestPlaneDown, RequestTimeout, TdistError, WorkerLost
 from tdist.runtime.calls import Response, current_client, current_request
 from tdist.runtime.config import DataPlaneConfig, DiscoveryConfig, RequestPlaneConfig
 from tdist.runtime.planes.codec import TensorCodec, decode_tensors, encode_tensors, make_codec
@@ -51,7 +51,11 @@ class RequestClient:
         self.config = config or RequestPlaneConfig()
         self.codec = codec
         # NATS KV discovery by default: the other transports come with their own discovery
-        self.discovery = discovery or make_discovery(DiscoveryConfig(), self.deployment, js=getattr(plane, "js", None))
+        if discovery is None:
+            discovery = make_discovery(DiscoveryConfig(), self.deployment, js=getattr(plane, "js", None),
+                                       storage=self.config.storage)
+            follow_reconnects(plane, discovery)
+        self.discovery = discovery
         self._owns = owns_plane
         self._inbox_prefix = f"_INBOX.tdist.{P.new_request_id()}"
         self._queues: dict[str, asyncio.Queue[P.ResponseMessage]] = {}
@@ -86,7 +90,9 @@ class RequestClient:
                                                name=f"tdist-client-{deployment}")
         codec = make_codec(data_plane or DataPlaneConfig())
         await codec.start()
-        disc = make_discovery(discovery or DiscoveryConfig(), deployment, js=plane.js)
+        disc = make_discovery(discovery or DiscoveryConfig(), deployment, js=plane.js,
+                              storage=(config or RequestPlaneConfig()).storage)
+        follow_reconnects(plane, disc)
         client = cls(plane, config=config, codec=codec, discovery=disc, owns_plane=True)
         await client.start()
         return client
@@ -137,7 +143,12 @@ class RequestClient:
         view is parsed once per read, not once per request)."""
         stamp, raw, typed = self._workers_cache
         if time.monotonic() - stamp > max_age_s:
-            raw = await self.discovery.list()
+            try:
+                raw = await self.discovery.list()
+            except TdistError:
+                raise
+            except Exception as exc:  # the plane is down or restarting: a typed answer, not a traceback
+                raise RequestPlaneDown(f"discovery is unreadable: {type(exc).__name__}: {exc}") from None
             typed = {name: e for name, e in ((n, WorkerEntry.read(d)) for n, d in raw.items()) if e is not None}
             self._workers_cache = (time.monotonic(), raw, typed)
         return raw, typed
@@ -348,9 +359,15 @@ def _identity(entry: Any) -> tuple[Any, ...] | None:
 _NO_RESPONDERS: Any = object()
 
 
+def follow_reconnects(plane: Any, discovery: Any) -> None:
+    """Have `discovery` re-create its bucket and watcher after each reconnect of `plane` (NATS)."""
+    if hasattr(plane, "on_reconnect") and hasattr(discovery, "reconnected"):
+        plane.on_reconnect(discovery.reconnected)
+
+
 def set_process_client(client: RequestClient) -> None:
     """Make `client` the default for RemoteOperator in this context (the worker does this)."""
     current_client.set(client)
 
 
-__all__ = ["RequestClient", "set_process_client"]
+__all__ = ["RequestClient", "follow_reconnects", "set_process_client"]

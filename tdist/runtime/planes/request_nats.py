@@ -6,6 +6,16 @@ asking only for the free share once at least half of it is free, so a busy worke
 more and the stream holds the rest for other replicas: that is the backpressure. A request is
 acked after its final response; if the worker dies first, JetStream redelivers it after
 `ack_wait_s`. Directed requests (one instance), responses and cancellations go over core NATS.
+
+A queued request is accepted once JetStream has stored it: every one is published with its PubAck
+awaited (many in flight at once on one shared reply subscription), so a missing or full stream
+reaches the caller typed (RequestPlaneDown, Overloaded), never as silence.
+
+Surviving NATS restarts and outages is NATS's own reconnect: it never gives up (deadlines bound
+requests, attempt counts do not), buffers at most `PENDING_SIZE` bytes of publishes meanwhile, and
+re-sends core subscriptions. What lives on the server (the stream, durable consumers, outstanding
+pull requests, KV watchers) is re-created by the `on_reconnect` hooks this plane runs after each
+reconnect: with file storage it is usually still there; with memory storage it is gone.
 """
 
 from __future__ import annotations
@@ -18,11 +28,12 @@ import time
 from typing import Any, Callable
 
 import nats
-from nats.errors import MaxPayloadError, NoServersError
-from nats.js.errors import NoStreamResponseError
+from nats.errors import ConnectionClosedError, MaxPayloadError, NoServersError, OutboundBufferLimitError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import APIError, NoStreamResponseError
 
 import tdist.runtime.protocol as P
-from tdist.errors import NoWorkerError, PayloadTooLarge, RequestTimeout, TdistError
+from tdist.errors import Overloaded, PayloadTooLarge, RequestPlaneDown, RequestTimeout, TdistError
 from tdist.runtime.config import RequestPlaneConfig
 from tdist.runtime.planes.request_plane import Delivery
 
@@ -42,18 +53,47 @@ def resolve_nats_url(config: RequestPlaneConfig | None = None, url: str | None =
     return found
 
 
-async def connect_nats(url: str, *, name: str = "tdist", connect_timeout_s: float = 5.0) -> Any:
-    """Connect with bounded retries and no reconnect storm; errors say which URL failed."""
+#: Bytes of publishes nats-py buffers while reconnecting; past it a publish fails at once
+#: (RequestPlaneDown) instead of growing memory for as long as the outage lasts.
+PENDING_SIZE = 8 * 1024 * 1024
+
+
+async def connect_nats(url: str, *, name: str = "tdist", connect_timeout_s: float = 5.0,
+                       reconnected_cb: Callable[[], Any] | None = None,
+                       disconnected_cb: Callable[[], Any] | None = None) -> Any:
+    """Connect once (an unreachable URL is an error that names it); once connected, reconnect
+    forever: a deployment outlives a nats-server restart, and deadlines bound each request."""
+
+    conn: list[Any] = []
+
+    async def on_disconnected() -> None:
+        if conn and (conn[0].is_closed or conn[0].is_draining):
+            return  # our own close, not an outage
+        log.warning("%s: request plane (NATS) disconnected; reconnecting", name)
+        if disconnected_cb is not None:
+            disconnected_cb()
+
+    async def on_reconnected() -> None:
+        log.warning("%s: request plane (NATS) reconnected", name)
+        if reconnected_cb is not None:
+            await reconnected_cb()
+
     try:
-        return await nats.connect(
+        conn.append(await nats.connect(
             url,
             name=name,
             connect_timeout=connect_timeout_s,
-            max_reconnect_attempts=5,
-            reconnect_time_wait=0.5,
+            # bounded for the first connect (nats-py's -1 would retry an unreachable URL forever)
+            max_reconnect_attempts=3,
+            reconnect_time_wait=0.25,
             allow_reconnect=True,
+            pending_size=PENDING_SIZE,
             error_cb=_quiet_error_cb,
-        )
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+        ))
+        conn[0].options["max_reconnect_attempts"] = -1  # connected: from now on, never give up
+        return conn[0]
     except (NoServersError, OSError, asyncio.TimeoutError) as exc:
         raise ConnectError(f"cannot connect to NATS at {url}: {type(exc).__name__}: {exc}") from None
 
@@ -62,8 +102,9 @@ async def _quiet_error_cb(exc: Exception) -> None:
     log.debug("nats error: %s", exc)
 
 
-async def ensure_stream(js: Any, deployment: str) -> None:
-    """Create the deployment's work-queue stream if missing (idempotent; any process may race)."""
+async def ensure_stream(js: Any, deployment: str, storage: str = "file") -> None:
+    """Create the deployment's work-queue stream if missing (idempotent; any process may race).
+    File storage (the default) keeps accepted requests across a nats-server restart."""
     from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
     name = P.stream_name(deployment)
@@ -78,7 +119,7 @@ async def ensure_stream(js: Any, deployment: str) -> None:
                 name=name,
                 subjects=P.stream_subjects(deployment),
                 retention=RetentionPolicy.WORK_QUEUE,
-                storage=StorageType.MEMORY,
+                storage=StorageType.MEMORY if storage == "memory" else StorageType.FILE,
             )
         )
     except Exception:
@@ -121,14 +162,59 @@ class NatsRequestPlane:
         self.deployment = deployment
         self.config = config or RequestPlaneConfig()
         self._owns = owns_connection
-        self._stream_known = False  # set after the first acknowledged publish into the stream
+        self._keeps_stream = False  # a serving plane re-creates the stream after a reconnect
+        self._intakes: list[_PullIntake] = []
+        self._hooks: list[Callable[[], Any]] = []
+        self.reconnects = 0
+        self.down_since: float | None = None  # time.time() the connection was lost, while it is
+        self.last_outage_s: float | None = None
 
     @classmethod
     async def connect(cls, url: str, deployment: str, *, config: RequestPlaneConfig | None = None,
                       name: str = "tdist") -> "NatsRequestPlane":
         """Connect to `url`; the plane owns (and closes) the connection."""
-        nc = await connect_nats(url, name=name)
-        return cls(nc, deployment, config=config, owns_connection=True)
+        box: list[NatsRequestPlane] = []
+
+        async def reconnected() -> None:
+            if box:
+                await box[0]._reconnected()
+
+        def disconnected() -> None:
+            if box and box[0].down_since is None:
+                box[0].down_since = time.time()
+
+        nc = await connect_nats(url, name=name, reconnected_cb=reconnected, disconnected_cb=disconnected)
+        box.append(cls(nc, deployment, config=config, owns_connection=True))
+        return box[0]
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    def on_reconnect(self, hook: Callable[[], Any]) -> None:
+        """Run `await hook()` after every reconnect (after the stream and intakes are back)."""
+        self._hooks.append(hook)
+
+    async def ensure_stream(self) -> None:
+        """Create the work-queue stream if missing, now and after every reconnect."""
+        self._keeps_stream = True
+        await ensure_stream(self.js, self.deployment, self.config.storage)
+
+    async def _reconnected(self) -> None:
+        """Re-create what lives on the server; each step on its own, so one failure skips no other."""
+        self.reconnects += 1
+        if self.down_since is not None:
+            self.last_outage_s = round(time.time() - self.down_since, 3)
+            self.down_since = None
+        steps: list[Callable[[], Any]] = []
+        if self._keeps_stream:
+            steps.append(lambda: ensure_stream(self.js, self.deployment, self.config.storage))
+        steps += [intake.reconnected for intake in self._intakes] + list(self._hooks)
+        for step in steps:
+            try:
+                await step()
+            except Exception as exc:
+                log.warning("after reconnect, re-creating %s failed: %s", getattr(step, "__qualname__", step), exc)
 
     @property
     def max_payload(self) -> int:
@@ -148,8 +234,8 @@ class NatsRequestPlane:
 
     async def submit(self, msg: P.RequestMessage, payload: bytes) -> None:
         headers = P.request_headers(msg)
-        acked = msg.instance is None and not self._stream_known  # js.publish adds Nats-Msg-Id
-        check_size(self.max_payload, payload, P.request_headers(msg, msg_id=True) if acked else headers,
+        stored = msg.instance is None  # into the work queue through js.publish, which adds Nats-Msg-Id
+        check_size(self.max_payload, payload, P.request_headers(msg, msg_id=True) if stored else headers,
                    operator=msg.operator, request_id=msg.id)
         try:
             if msg.instance is not None:
@@ -158,28 +244,40 @@ class NatsRequestPlane:
                     P.direct_subject(self.deployment, msg.operator, msg.instance), payload,
                     reply=msg.reply, headers=headers,
                 )
-            elif self._stream_known:
-                # The stream exists and a ready worker pulls from it (the client checked): a core
-                # publish is stored by JetStream without a PubAck round trip per request.
-                await self.nc.publish(P.request_subject(self.deployment, msg.operator), payload, headers=headers)
             else:
-                await self.js.publish(
-                    P.request_subject(self.deployment, msg.operator),
-                    payload,
-                    headers=P.request_headers(msg, msg_id=True),
-                    timeout=max(0.1, min(5.0, msg.deadline - time.time())),
-                )
-                self._stream_known = True
+                await self._store(msg, payload)
         except MaxPayloadError as exc:
             raise PayloadTooLarge(str(exc), operator=msg.operator, request_id=msg.id) from None
+        except (OutboundBufferLimitError, ConnectionClosedError) as exc:
+            raise RequestPlaneDown(f"the request plane (NATS) is unreachable: {type(exc).__name__}",
+                                   operator=msg.operator, request_id=msg.id) from None
+
+    async def _store(self, msg: P.RequestMessage, payload: bytes) -> None:
+        """Publish into the work queue and wait for JetStream's PubAck until the deadline: accepted
+        means stored. Many wait at once on the connection's one shared reply subscription (nats-py's
+        request mux), so the cost is latency, not throughput. Not `publish_async`: in nats-py 2.16 its
+        reply handler raises an error reply instead of failing the future, which then never ends."""
+        try:
+            await self.js.publish(P.request_subject(self.deployment, msg.operator), payload,
+                                  headers=P.request_headers(msg, msg_id=True),  # what check_size counted
+                                  timeout=max(0.05, msg.deadline - time.time()))
         except NoStreamResponseError:
-            raise NoWorkerError(
-                f"deployment {self.deployment!r} has no request stream (no worker ever started)",
-                operator=msg.operator,
-                request_id=msg.id,
-            ) from None
-        except asyncio.TimeoutError:
-            raise RequestTimeout("publishing the request timed out", operator=msg.operator, request_id=msg.id) from None
+            raise RequestPlaneDown(f"deployment {self.deployment!r} has no request stream, so nothing stored the "
+                                   "request (no worker started, or the stream was lost)",
+                                   operator=msg.operator, request_id=msg.id) from None
+        except APIError as exc:
+            text = f"{exc.description or exc}"
+            if "exceeded" in text or "limit" in text:
+                raise Overloaded(f"the work queue refused the request: {text}", operator=msg.operator,
+                                 request_id=msg.id, detail={"err_code": exc.err_code}) from None
+            raise RequestPlaneDown(f"JetStream did not store the request: {text}", operator=msg.operator,
+                                   request_id=msg.id, detail={"err_code": exc.err_code}) from None
+        except (asyncio.TimeoutError, NatsTimeoutError):
+            if not self.connected:
+                raise RequestPlaneDown("the request plane (NATS) was unreachable until the deadline; the request "
+                                       "was not confirmed stored", operator=msg.operator, request_id=msg.id) from None
+            raise RequestTimeout("JetStream did not confirm storing the request before its deadline",
+                                 operator=msg.operator, request_id=msg.id) from None
 
     async def cancel(self, request_id: str) -> None:
         try:
@@ -193,6 +291,7 @@ class NatsRequestPlane:
                     deliver: Callable[[Delivery], None]) -> "_PullIntake":
         intake = _PullIntake(self, operator, instance, max_inflight, window, deliver)
         await intake.start()
+        self._intakes.append(intake)
         return intake
 
     async def reply(self, subject: str, payload: bytes) -> None:
@@ -213,6 +312,9 @@ class NatsRequestPlane:
 
     async def close(self) -> None:
         if self._owns:
+            if not self.connected:  # draining needs the server: while it is away, just close
+                await self.nc.close()
+                return
             try:
                 await self.nc.drain()
             except Exception:
@@ -241,6 +343,26 @@ class _PullIntake:
         self._next_subject = ""
 
     async def start(self) -> None:
+        p = self.plane
+        await self._ensure_consumer()
+        stream, durable = P.stream_name(p.deployment), P.consumer_name(self.operator)
+        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._inbox = p.nc.new_inbox()
+        self._subs.append(await p.nc.subscribe(self._inbox, cb=self._on_pulled))
+        self._subs.append(await p.nc.subscribe(
+            P.direct_subject(p.deployment, self.operator, self.instance), cb=self._on_direct))
+        self._pull_task = asyncio.create_task(self._pull_loop(), name=f"{self.operator}-pull")
+
+    async def reconnected(self) -> None:
+        """The server may have restarted: our pull requests died with it (their credits are void)
+        and a memory-stored consumer is gone. Re-create the consumer, then pull afresh."""
+        if self._closed:
+            return
+        await self._ensure_consumer()
+        self._credits = 0
+        self._capacity.set()
+
+    async def _ensure_consumer(self) -> None:
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
         p = self.plane
@@ -260,18 +382,14 @@ class _PullIntake:
             await p.js.add_consumer(stream, config=consumer)
         except Exception as exc:  # exists with another config (another replica raced): reuse it
             log.debug("add_consumer %s: %s", durable, exc)
-        self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
-        self._inbox = p.nc.new_inbox()
-        self._subs.append(await p.nc.subscribe(self._inbox, cb=self._on_pulled))
-        self._subs.append(await p.nc.subscribe(
-            P.direct_subject(p.deployment, self.operator, self.instance), cb=self._on_direct))
-        self._pull_task = asyncio.create_task(self._pull_loop(), name=f"{self.operator}-pull")
 
     def wake(self) -> None:
         self._capacity.set()
 
     async def close(self) -> None:
         self._closed = True
+        if self in self.plane._intakes:
+            self.plane._intakes.remove(self)
         self._capacity.set()
         if self._pull_task is not None:
             self._pull_task.cancel()

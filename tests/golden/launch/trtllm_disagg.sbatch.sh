@@ -27,8 +27,24 @@ wait_port() {  # readiness: poll a TCP port until it accepts, bounded by $3 seco
   done
 }
 
-# Request plane: an embedded nats-server (JetStream) on the batch host.
-"${STEP[@]}" nats-server -js -a 0.0.0.0 -p 4222 -sd /run/nats > /run/logs/nats-server.log 2>&1 &
+# Request plane: an embedded nats-server (JetStream) on the batch host, restarted if it dies.
+supervise_nats() {  # supervise_nats PORT STORE LOG: run nats-server, restart it with backoff
+  local port=$1 store=$2 log=$3 backoff=1 child=""
+  trap 'kill "$child" 2>/dev/null; exit 0' TERM
+  while true; do
+    "${STEP[@]}" nats-server -js -a 0.0.0.0 -p "$port" -sd "$store" >> "$log" 2>&1 &
+    child=$!
+    wait "$child" || true
+    if tail -n 20 "$log" | grep -qi "address already in use"; then
+      echo "tdist: nats-server cannot restart: port $port was taken; stopping the deployment" >&2
+      kill -TERM $$; exit 1
+    fi
+    echo "tdist: nats-server exited; restarting in $backoff s" >> "$log"
+    sleep "$backoff"; backoff=$(( backoff < 30 ? backoff * 2 : 30 ))
+  done
+}
+: > /run/logs/nats-server.log
+supervise_nats 4222 /run/nats /run/logs/nats-server.log &
 PIDS+=($!)
 export NATS_SERVER="nats://${HEAD_NODE}:4222"
 wait_port "$HEAD_NODE" 4222 30
