@@ -24,6 +24,7 @@ from pathlib import Path
 from tdist.errors import LaunchError
 from tdist.launch.logs import tail_file
 from tdist.runtime.ports import free_ports
+from tdist.runtime.process_identity import owner_preexec
 
 READY_LINE = "ready to serve client requests"
 
@@ -169,6 +170,7 @@ def start_etcd(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=owner_preexec(signal.SIGKILL),  # dies with its owner (the supervisor or the CLI)
         )
         server = EtcdServer(proc, client_port, peer_port, ddir, lpath, owns_data_dir=owns, _log_file=logf,
                             advertise_host=advertise_host or ("127.0.0.1" if host == "0.0.0.0" else host),

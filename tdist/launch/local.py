@@ -31,6 +31,7 @@ from tdist.launch.readiness import ProgressFn, wait_ready_in_discovery
 from tdist.launch.rundir import LaunchOptions, ProcessRecord, RunRecord, WorkerRecord
 from tdist.plan.emit import worker_command
 from tdist.runtime.config import WorkerConfig
+from tdist.runtime.process_identity import owner_preexec
 
 log = logging.getLogger("tdist.launch")
 
@@ -71,6 +72,8 @@ class LocalSupervisor:
     record: RunRecord | None = None
     nats: NatsServer | None = field(init=False, default=None)
     etcd: Any = field(init=False, default=None)  # embedded etcd (discovery: etcd, endpoints: embedded)
+    #: Set by a second Ctrl-C (`hurry`): stop kills at once instead of waiting for drains.
+    hurried: bool = field(init=False, default=False)
     _procs: list[_Proc] = field(init=False, default_factory=list)
     _ranks: dict[str, int] = field(init=False, default_factory=dict)
 
@@ -98,6 +101,10 @@ class LocalSupervisor:
         """Start everything; return once all workers are ready. On failure: record why, tear down, raise."""
         try:
             await self._start_processes(progress)
+        except asyncio.CancelledError:  # Ctrl-C / SIGTERM / SIGHUP during start-up: tear down, say so
+            self.state.error = "start-up interrupted"
+            await self.stop()
+            raise
         except BaseException as exc:
             self.state.state = "failed"
             self.state.error = exc.render() if isinstance(exc, LaunchError) else f"{type(exc).__name__}: {exc}"
@@ -187,7 +194,8 @@ class LocalSupervisor:
             stdout=proc.log_fh,
             stderr=subprocess.STDOUT,
             env=env,
-            start_new_session=True,
+            start_new_session=True,  # its own group: the engine processes it starts go with it
+            preexec_fn=owner_preexec(signal.SIGTERM),  # and it dies with us (the worker ends its group then)
         )
         proc.started_mono = time.monotonic()
         proc.record.process = ProcessRecord.of(proc.process.pid)
@@ -196,7 +204,7 @@ class LocalSupervisor:
     def _check_workers(self) -> None:
         """Raise (with its log tail) if a worker we started has exited during start-up."""
         for p in self._procs:
-            if p.process is not None and p.process.poll() is not None:
+            if p.process is not None and _reap(p.process) is not None:
                 raise LaunchError(f"worker {p.config.name} exited with code {p.process.returncode} during start",
                                   log_tail=tail_file(p.record.log), log_path=p.record.log)
 
@@ -237,15 +245,13 @@ class LocalSupervisor:
         for p in self._procs:
             if p.stopping or p.process is None:
                 continue
-            code = p.process.poll()
+            code = _reap(p.process)  # what the worker started (engine processes, a Triton server) dies with it
             if code is None:
                 if now - p.started_mono > 60:
                     p.backoff_s = 1.0  # healthy for a minute: forget past crashes
                 continue
             if p.restart_at is None:
                 p.record.last_exit = code
-                # what the worker started (engine processes, a Triton server) dies with it
-                _kill_group(p.process.pid, signal.SIGKILL)
                 if not self.restart:
                     p.record.state = "failed"
                     p.stopping = True
@@ -271,6 +277,10 @@ class LocalSupervisor:
 
     # ---- stop -------------------------------------------------------------------------------
 
+    def hurry(self) -> None:
+        """Stop now (a second Ctrl-C): drains still running are cut short by SIGKILL."""
+        self.hurried = True
+
     async def stop(self, final_state: str = "stopped") -> None:
         """Drain workers in reverse start order by component, then stop NATS. Leaves no process."""
         if self.state.state != "failed":
@@ -286,14 +296,15 @@ class LocalSupervisor:
                 if p.process is not None and p.process.poll() is None:
                     _kill_group(p.process.pid, signal.SIGTERM)
             deadline = time.monotonic() + self.drain_timeout_s
-            while any(p.process is not None and p.process.poll() is None for p in group) and time.monotonic() < deadline:
+            while (any(p.process is not None and _exited(p.process) is None for p in group)
+                   and time.monotonic() < deadline and not self.hurried):
                 await asyncio.sleep(0.05)
             for p in group:
-                if p.process is not None and p.process.poll() is None:
+                if p.process is not None:
+                    # SIGKILL the group (a worker past its drain, and stragglers of one that exited)
+                    # while the leader is still unreaped: its pid, the group's id, is still ours
                     _kill_group(p.process.pid, signal.SIGKILL)
                     p.process.wait(5)
-                if p.process is not None:
-                    _kill_group(p.process.pid, signal.SIGKILL)  # stragglers of its group
                 if p.record.state != "failed":
                     p.record.state = "stopped"
                 if p.log_fh is not None:
@@ -306,6 +317,34 @@ class LocalSupervisor:
             self.etcd = None
         self.state.state = final_state  # type: ignore[assignment]
         self.state.save()
+
+
+def _exited(proc: subprocess.Popen[bytes]) -> int | None:
+    """The exit status of a child that has exited, WITHOUT reaping it (None: still running).
+
+    Unreaped, its pid cannot be handed to another process, so its group can still be signalled
+    safely; `_reap` does that and then reaps.
+    """
+    if proc.returncode is not None:
+        return proc.returncode
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return proc.poll()
+    if info is None or info.si_pid == 0:
+        return None
+    return -info.si_status if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else info.si_status
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> int | None:
+    """None while `proc` runs; once it has exited: SIGKILL what is left of its group (engine
+    processes, a Triton server), then reap it and return its exit code (Popen's convention)."""
+    if proc.returncode is not None:
+        return proc.returncode
+    if _exited(proc) is None:
+        return None
+    _kill_group(proc.pid, signal.SIGKILL)
+    return proc.wait()
 
 
 def _kill_group(pid: int, sig: int) -> None:

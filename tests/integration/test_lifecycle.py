@@ -1,0 +1,153 @@
+"""Nothing outlives its owner; deployments are always found; restarts tell the truth.
+
+On real processes (the CLI, the supervisor, nats-server, workers, an engine child): kill an owner
+and check, by recorded identity (pid + start time), that what it owned is gone within a generous
+bound; stop signals work during start-up. Every wait polls a signal under a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tdist.launch.rundir import ProcessRecord, RunRecord
+from tests.integration.test_mpirun_deploy import TDIST, REPO, env, make_graph, tdist  # noqa: F401
+
+pytestmark = pytest.mark.timeout(120)
+
+OPS = str(Path(__file__).resolve().parent)
+#: Generous liveness bound: an orphan must be gone this soon after its owner died (goal: 5 s).
+GONE_WITHIN_S = 15.0
+
+
+def wait_for(check, timeout_s: float = 60.0, what: str = "condition"):  # noqa: ANN001, ANN201
+    """Poll `check()` until it returns something truthy (returned) or the deadline passes (fail)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def still_alive(procs: list[ProcessRecord], timeout_s: float = GONE_WITHIN_S) -> list[ProcessRecord]:
+    """The processes (by identity) still alive once `timeout_s` has passed or all are gone."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        alive = [p for p in procs if p.alive()]
+        if not alive:
+            return []
+        time.sleep(0.05)
+    return [p for p in procs if p.alive()]
+
+
+def recorded(rec: RunRecord) -> list[ProcessRecord]:
+    """Every process a run record names (workers, servers, world), the supervisor excepted."""
+    procs = [w.process for w in rec.workers.values()] + [rec.nats.process, rec.etcd.process, rec.world]
+    return [p for p in procs if p is not None]
+
+
+def state_file(env: dict[str, str], name: str) -> Path:  # noqa: F811
+    return Path(env["TDIST_HOME"]) / "runs" / name / "state.json"
+
+
+def load(path: Path) -> RunRecord | None:
+    try:
+        return RunRecord.load(path)
+    except (OSError, ValueError):
+        return None
+
+
+def slow_graph(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """hello world's encoder plus a worker whose engine never finishes loading; the file it writes
+    its engine child's pid to."""
+    started = tmp_path / f"{name}.engine-pid"
+    data = yaml.safe_load(make_graph(tmp_path, name).read_text())
+    data["python_path"].append(OPS)
+    data["operators"] = [data["operators"][0], {
+        "name": "slow", "kind": "python", "implementation": "lifecycle_ops:SlowStart",
+        "parameters": {"started_file": str(started)}}]
+    data["workers"] = [{"name": "encoder", "operators": ["encoder"]}, {"name": "slow", "operators": ["slow"]}]
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path, started
+
+
+def popen_tdist(args: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.Popen[str]:  # noqa: F811
+    out = open(tmp_path / "cli.out", "w")  # noqa: SIM115 - closed with the test's tmp dir
+    return subprocess.Popen(TDIST + args, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+# ---- 1. nothing outlives its owner ------------------------------------------------------------
+
+
+def test_killed_detached_supervisor_takes_its_workers_and_nats_along(env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    graph = make_graph(tmp_path, "lc-sup")
+    dep = tdist(["deploy", str(graph), "--detach"], env)
+    assert dep.returncode == 0, dep.stdout + dep.stderr
+    rec = RunRecord.load(state_file(env, "lc-sup"))
+    owned = recorded(rec)
+    try:
+        assert rec.supervisor is not None and len(owned) == 4 and all(p.alive() for p in owned)
+        os.kill(rec.supervisor.pid, signal.SIGKILL)
+        assert still_alive([rec.supervisor]) == []
+        assert still_alive(owned) == [], "orphans of a killed supervisor still alive"
+    finally:
+        stop = tdist(["stop", "--name", "lc-sup"], env)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert still_alive(owned + [rec.supervisor], 1) == []
+
+
+def test_killed_foreground_cli_leaves_nothing(env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    graph = make_graph(tmp_path, "lc-fg")
+    cli = popen_tdist(["deploy", str(graph)], env, tmp_path)
+    try:
+        rec = wait_for(lambda: (r := load(state_file(env, "lc-fg"))) is not None and r.state == "ready" and r,
+                       what="the foreground deployment to be ready")
+        owned = recorded(rec)
+        assert len(owned) == 4 and all(p.alive() for p in owned)
+        cli.kill()
+        cli.wait(10)
+        assert still_alive(owned) == [], "processes of a killed foreground CLI still alive"
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(10)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["int", "term", "hup"])
+def test_stop_signal_during_foreground_start_up_stops_everything(env: dict[str, str], tmp_path: Path,  # noqa: F811
+                                                                 sig: signal.Signals) -> None:
+    """Start-up never ends here (an engine still loading); the signal must not wait for it, and the
+    engine child of the loading worker goes too."""
+    graph, started = slow_graph(tmp_path, "lc-int")
+    cli = popen_tdist(["deploy", str(graph)], env, tmp_path)
+    try:
+        engine_pid = int(wait_for(lambda: started.exists() and started.read_text(), what="the engine child to start"))
+        engine = ProcessRecord.of(engine_pid)
+        rec = wait_for(lambda: (r := load(state_file(env, "lc-int"))) is not None
+                       and all(w.process for w in r.workers.values()) and r, what="workers to be recorded")
+        assert rec.state == "starting"
+        owned = recorded(rec) + [engine]
+        assert all(p.alive() for p in owned)
+        cli.send_signal(sig)
+        code = cli.wait(30)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(10)
+    output = (tmp_path / "cli.out").read_text()
+    assert code == 130, output
+    assert "interrupted during start-up" in output
+    assert still_alive(owned, 5) == []
+    final = RunRecord.load(state_file(env, "lc-int"))
+    assert final.state == "stopped" and final.error == "start-up interrupted"
