@@ -223,13 +223,24 @@ def status(
     name: Optional[str] = typer.Option(None, "--name", help="Deployment (default: the only one running)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Components → workers: state, host, pid, in-flight, served, errors, uptime, heartbeat age."""
+    """Components → workers: state, host, pid, in-flight, served, errors, uptime, heartbeat age.
+
+    Finds a deployment whose supervisor died too, and says so (exit 1): then the deployment is
+    `degraded` while processes it left still run, `failed` when none does.
+    """
     from tdist.launch.rundir import find_run
 
     state = find_run(name)
     entries: dict[str, dict[str, Any]] = {}
     problem: str | None = None
-    if state.nats.url:
+    orphaned = state.health_note()  # the supervisor died: say so, and what of it still runs
+    run_state = state.state
+    if orphaned:
+        run_state = "degraded" if state.alive_processes() else "failed"
+    nats_gone = state.nats.embedded and state.nats.process is not None and not state.nats.process.alive()
+    if nats_gone and state.supervised:
+        problem = f"the embedded nats-server (pid {state.nats.process.pid}) is not running"
+    elif state.nats.url:
         async def fetch() -> dict[str, dict[str, Any]]:
             client = await _client_for(state.deployment, None)
             try:
@@ -260,16 +271,21 @@ def status(
         })
     unhealthy = [c for c, v in components.items() if not any(w["state"] == "ready" for w in v["workers"])]
     if as_json:
-        print(json.dumps({"deployment": state.deployment, "state": state.state, "nats_url": state.nats.url,
-                          "components": components, "unhealthy": unhealthy, "error": problem}, indent=2))
+        print(json.dumps({"deployment": state.deployment, "state": run_state, "nats_url": state.nats.url,
+                          "components": components, "unhealthy": unhealthy, "error": problem,
+                          "supervisor": None if state.supervisor is None else {
+                              "pid": state.supervisor.pid, "alive": state.supervisor.alive()},
+                          "orphaned": orphaned, "alive": state.alive_processes()}, indent=2))
     else:
-        t = status_table(state.deployment, state.state, state.nats.url, components)
+        t = status_table(state.deployment, run_state, state.nats.url, components)
         out.print(t)
+        if orphaned:
+            err.print(f"[red]{orphaned}[/]")
         if problem:
             err.print(f"[red]{problem}[/]")
         if unhealthy:
             err.print(f"[red]no ready worker:[/] {', '.join(unhealthy)}")
-    if unhealthy or problem:
+    if unhealthy or problem or orphaned:
         raise typer.Exit(1)
 
 

@@ -113,6 +113,9 @@ class SupervisedLauncher(Launcher):
         events.phase(f"stopping {self.record.deployment}" + ("" if self.kind == "local" else f": ending the {self.kind} world"))
         rec = self.record
         forced: list[str] = []
+        note = rec.health_note()
+        if note:
+            events.note(note)
         sup = rec.supervisor
         if sup is not None and sup.alive() and sup.pid != os.getpid():
             os.kill(sup.pid, signal.SIGTERM)
@@ -120,10 +123,17 @@ class SupervisedLauncher(Launcher):
                 sup.signal_group(signal.SIGKILL)
                 forced.append("supervisor")
         rec = rec.reload()  # what the supervisor recorded last
-        # Whatever the supervisor could not clean up (it crashed, or was killed): end it here.
-        for name, w in rec.workers.items():
-            if w.process is not None and w.process.signal_group(signal.SIGKILL):
-                forced.append(name)
+        # Whatever the supervisor could not clean up (it crashed, or was killed): end it here, each
+        # process only while its recorded identity still matches (a recycled pid is a stranger).
+        left = {name: w.process for name, w in rec.workers.items() if w.process is not None and w.process.alive()}
+        for proc in left.values():
+            proc.signal_group(signal.SIGTERM)  # a drain, bounded below
+        deadline = time.monotonic() + min(timeout_s, 10.0)
+        while any(p.alive() for p in left.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for name, proc in left.items():
+            proc.signal_group(signal.SIGKILL)
+            forced.append(name)
         for label, proc in (("nats-server", rec.nats.process if rec.nats.embedded else None),
                             ("etcd", rec.etcd.process), (self.kind, rec.world)):
             if proc is not None and proc.signal_group(signal.SIGTERM):

@@ -101,10 +101,20 @@ def test_killed_detached_supervisor_takes_its_workers_and_nats_along(env: dict[s
         os.kill(rec.supervisor.pid, signal.SIGKILL)
         assert still_alive([rec.supervisor]) == []
         assert still_alive(owned) == [], "orphans of a killed supervisor still alive"
+        # 2. found without --name, and said so
+        st = tdist(["status"], env)
+        assert st.returncode == 1 and f"supervisor pid {rec.supervisor.pid} died" in st.stderr, st.stdout + st.stderr
+        st = json.loads(tdist(["status", "--json"], env).stdout)
+        assert (st["deployment"], st["state"], st["alive"]) == ("lc-sup", "failed", [])
+        assert st["supervisor"] == {"pid": rec.supervisor.pid, "alive": False} and "died" in st["orphaned"]
     finally:
-        stop = tdist(["stop", "--name", "lc-sup"], env)
+        stop = tdist(["stop"], env)
     assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert "died" in stop.stderr and "stopped lc-sup" in stop.stdout
+    assert RunRecord.load(state_file(env, "lc-sup")).state == "stopped"
     assert still_alive(owned + [rec.supervisor], 1) == []
+    gone = tdist(["status"], env)
+    assert gone.returncode != 0 and "no running deployment" in gone.stderr
 
 
 def test_killed_foreground_cli_leaves_nothing(env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
@@ -151,3 +161,48 @@ def test_stop_signal_during_foreground_start_up_stops_everything(env: dict[str, 
     assert still_alive(owned, 5) == []
     final = RunRecord.load(state_file(env, "lc-int"))
     assert final.state == "stopped" and final.error == "start-up interrupted"
+
+
+# ---- 2. deployments are always found ------------------------------------------------------------
+
+
+def test_orphans_are_found_and_stopped_by_identity_only(env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """A record whose supervisor died with a worker still alive: status and stop find it without
+    --name; stop ends the live worker, and leaves alone a process that only shares a recorded pid
+    (another start time: a recycled pid)."""
+    from tdist.launch.rundir import LaunchOptions, WorkerRecord, write_plan
+    from tdist.plan import build_plan
+    from tdist.spec import load_graph
+
+    pause = [os.sys.executable, "-c", "import signal; signal.pause()"]
+    orphan = subprocess.Popen(pause, start_new_session=True)
+    stranger = subprocess.Popen(pause, start_new_session=True)
+    dead = subprocess.Popen([os.sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        home = Path(env["TDIST_HOME"])
+        run_dir = home / "runs" / "lc-orphan"
+        (run_dir / "logs").mkdir(parents=True)
+        write_plan(build_plan(load_graph(make_graph(tmp_path, "lc-orphan")), launcher="local", run_dir=str(run_dir)))
+        orphan_rec = ProcessRecord.of(orphan.pid)
+        stranger_rec = ProcessRecord.of(stranger.pid).model_copy(update={"start": ProcessRecord.of(stranger.pid).start - 1})
+        rec = RunRecord(deployment="lc-orphan", run_dir=str(run_dir), plan_path=str(run_dir / "plan.json"),
+                        options=LaunchOptions(), state="ready", supervisor=ProcessRecord(pid=dead.pid, start=1),
+                        components=["w"], workers={
+                            "w.0": WorkerRecord(name="w.0", component="w", process=orphan_rec, state="ready"),
+                            "w.1": WorkerRecord(name="w.1", component="w", process=stranger_rec, state="ready")})
+        rec.save()
+        st = tdist(["status", "--json"], env)
+        data = json.loads(st.stdout)
+        assert st.returncode == 1 and (data["state"], data["alive"]) == ("degraded", ["w.0"]), st.stdout + st.stderr
+        assert "1 of its processes still run unsupervised (w.0)" in data["orphaned"]
+        stop = tdist(["stop"], env)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert orphan.wait(10) is not None  # ended (by its recorded identity)
+        assert stranger.poll() is None, "a process whose start time differs from the record was signalled"
+        assert RunRecord.load(run_dir / "state.json").state == "stopped"
+    finally:
+        for p in (orphan, stranger):
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
