@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tdist.errors import BadRequest, LaunchError, TdistError
@@ -269,24 +270,58 @@ def status(
             "restarts": rec.restarts if rec else 0,
             "operators": e.get("per_operator", {}),
         })
+    failed = _failed_workers(state, components, now)
     unhealthy = [c for c, v in components.items() if not any(w["state"] == "ready" for w in v["workers"])]
     if as_json:
         print(json.dumps({"deployment": state.deployment, "state": run_state, "nats_url": state.nats.url,
                           "components": components, "unhealthy": unhealthy, "error": problem,
                           "supervisor": None if state.supervisor is None else {
                               "pid": state.supervisor.pid, "alive": state.supervisor.alive()},
-                          "orphaned": orphaned, "alive": state.alive_processes()}, indent=2))
+                          "orphaned": orphaned, "alive": state.alive_processes(), "failed": failed}, indent=2))
     else:
         t = status_table(state.deployment, run_state, state.nats.url, components)
         out.print(t)
         if orphaned:
             err.print(f"[red]{orphaned}[/]")
+        for wname, f in failed.items():
+            err.print(f"[red]worker {wname} failed:[/] {escape(f['error'] or 'exited')}; last lines of {f['log']}:")
+            err.print(escape(f["log_tail"]) or "[dim](empty)[/]", markup=True)
         if problem:
             err.print(f"[red]{problem}[/]")
         if unhealthy:
             err.print(f"[red]no ready worker:[/] {', '.join(unhealthy)}")
     if unhealthy or problem or orphaned:
         raise typer.Exit(1)
+
+
+#: Lines of a failed worker's log that `status` shows.
+FAILED_LOG_LINES = 15
+
+
+def _failed_workers(state: Any, components: dict[str, dict[str, Any]], now: float) -> dict[str, dict[str, Any]]:
+    """Workers the supervisor gave up on (run record: `failed`), with why and their log tail.
+
+    Their discovery entry, if one is left, says what it said last (`ready`, a stale heartbeat):
+    the record wins. A failed worker with no entry gets a row of its own, so status shows it.
+    """
+    from tdist.launch.logs import tail_file
+
+    failed: dict[str, dict[str, Any]] = {}
+    for wname, rec in state.workers.items():
+        if rec.state != "failed":
+            continue
+        failed[wname] = {"error": rec.error, "last_exit": rec.last_exit, "restarts": rec.restarts, "log": rec.log,
+                         "log_tail": tail_file(rec.log, FAILED_LOG_LINES)}
+        comp = components.setdefault(rec.component, {"operators": state.operators.get(rec.component, []), "workers": []})
+        row = next((w for w in comp["workers"] if w["name"] == wname), None)
+        if row is None:
+            comp["workers"].append({"name": wname, "state": "failed", "host": rec.process.host if rec.process else "",
+                                    "pid": rec.pid, "rank": None, "inflight": 0, "served": 0, "errors": 0,
+                                    "metrics_port": None, "uptime_s": 0.0, "heartbeat_age_s": 0.0,
+                                    "restarts": rec.restarts, "operators": {}})
+        else:
+            row["state"] = "failed"
+    return failed
 
 
 def status_table(deployment: str, run_state: str, nats_url: str | None, components: dict[str, dict[str, Any]]) -> Table:

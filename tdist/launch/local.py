@@ -4,8 +4,10 @@ Starts the embedded nats-server when the plan asks for it, starts every worker a
 `python -m tdist.runtime.worker --plan <run>/plan.json --rank N` (exactly what `tdist plan`
 prints) in its own process group with its log file, waits until each one is `ready` in
 discovery (under a timeout, failing fast with the log tail of a worker that died), restarts a
-crashed worker with exponential backoff (unless told not to: then it stays `failed` and the
-deployment `degraded`), and tears everything down in order: workers in reverse start order
+crashed worker with exponential backoff until it has crashed `restart_max_crashes` times within
+`restart_window_s` (or at once under --no-restart): then it stays `failed`, with why in the run
+record, and the deployment is `degraded` — a broken worker is not restarted forever behind a
+deployment that says `ready`. Tears everything down in order: workers in reverse start order
 (callers before callees), then NATS and etcd. Everything it starts is recorded with its identity
 (pid + start time) in the run record (launch/rundir.py).
 """
@@ -42,7 +44,7 @@ class _Proc:
     record: WorkerRecord
     process: subprocess.Popen[bytes] | None = None
     started_mono: float = 0.0
-    backoff_s: float = 1.0
+    crashes: list[float] = field(default_factory=list)  # monotonic times of its recent crashes
     restart_at: float | None = None
     stopping: bool = False
     log_fh: Any = None
@@ -60,6 +62,9 @@ class LocalSupervisor:
     drain_timeout_s: float = 30.0
     restart: bool = True
     max_backoff_s: float = 30.0
+    #: Crashes within restart_window_s after which a worker is `failed` (graph: launch.local).
+    restart_max_crashes: int = 5
+    restart_window_s: float = 300.0
     graph: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     #: The plan file every worker reads its config from (`--plan PATH --rank N`, the one command
@@ -247,23 +252,27 @@ class LocalSupervisor:
                 continue
             code = _reap(p.process)  # what the worker started (engine processes, a Triton server) dies with it
             if code is None:
-                if now - p.started_mono > 60:
-                    p.backoff_s = 1.0  # healthy for a minute: forget past crashes
                 continue
             if p.restart_at is None:
                 p.record.last_exit = code
-                if not self.restart:
+                p.crashes = [t for t in p.crashes if now - t < self.restart_window_s] + [now]
+                if not self.restart or len(p.crashes) >= self.restart_max_crashes:
                     p.record.state = "failed"
+                    p.record.error = (f"exited with code {code}; not restarted (--no-restart)" if not self.restart else
+                                      f"crashed {len(p.crashes)} times within {self.restart_window_s:g} s "
+                                      f"(restart_max_crashes {self.restart_max_crashes}); last exit code {code}")
+                    log.error("worker %s %s", p.config.name, p.record.error)
                     p.stopping = True
                     changed = True
                     continue
-                p.restart_at = now + p.backoff_s
+                backoff = min(self.max_backoff_s, 2.0 ** (len(p.crashes) - 1))
+                p.restart_at = now + backoff
                 p.record.state = "restarting"
-                log.warning("worker %s exited with %s; restarting in %.1f s", p.config.name, code, p.backoff_s)
+                log.warning("worker %s exited with %s (crash %d of %d within %g s); restarting in %.1f s", p.config.name,
+                            code, len(p.crashes), self.restart_max_crashes, self.restart_window_s, backoff)
                 changed = True
             elif now >= p.restart_at:
                 p.restart_at = None
-                p.backoff_s = min(self.max_backoff_s, p.backoff_s * 2)
                 p.record.restarts += 1
                 self._spawn(p)
                 changed = True

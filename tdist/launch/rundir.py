@@ -168,6 +168,7 @@ class WorkerRecord(_Model):
     restarts: int = 0
     last_exit: int | None = None
     state: WorkerState = "starting"
+    error: str | None = Field(None, description="Why the supervisor gave up on it (state `failed`)")
 
     @property
     def pid(self) -> int | None:

@@ -34,6 +34,7 @@ def make_supervisor(record: RunRecord) -> LocalSupervisor:
         deployment=record.deployment, workers=list(plan.workers), run_dir=Path(record.run_dir),
         nats_url=opts.nats_url or plan.nats.url, startup_timeout_s=opts.startup_timeout_s, restart=opts.restart,
         graph=record.graph, plan_path=record.plan_path, python=plan.python, record=record,
+        restart_max_crashes=plan.restart_max_crashes, restart_window_s=plan.restart_window_s,
     )
     if record.launcher == "local":
         return LocalSupervisor(**kw)

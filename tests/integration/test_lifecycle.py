@@ -206,3 +206,47 @@ def test_orphans_are_found_and_stopped_by_identity_only(env: dict[str, str], tmp
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
+
+
+# ---- 3. restarts that tell the truth ------------------------------------------------------------
+
+
+def test_a_worker_that_keeps_crashing_is_failed_and_status_shows_its_log(env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """restart_max_crashes 3: the kill is crash 1, two restarts that crash at start are 2 and 3 →
+    `failed` (restarts 2), the deployment `degraded`, status shows why and the log tail."""
+    crash_file = tmp_path / "crash-now"
+    data = yaml.safe_load(make_graph(tmp_path, "lc-crash").read_text())
+    data["python_path"].append(OPS)
+    data["operators"] = [data["operators"][0], {"name": "echo", "kind": "python", "implementation": "lifecycle_ops:CrashWhenMarked",
+                              "parameters": {"crash_file": str(crash_file)}}]
+    data["workers"] = [{"name": "encoder", "operators": ["encoder"]}, {"name": "echo", "operators": ["echo"]}]
+    data["launch"]["local"].update({"restart_max_crashes": 3, "restart_window_s": 120})
+    graph = tmp_path / "lc-crash.yaml"
+    graph.write_text(yaml.safe_dump(data, sort_keys=False))
+    path = state_file(env, "lc-crash")
+    dep = tdist(["deploy", str(graph), "--detach"], env)
+    rec = load(path)
+    try:
+        assert dep.returncode == 0, dep.stdout + dep.stderr
+        assert rec is not None and rec.state == "ready"
+        crash_file.write_text("")
+        os.kill(rec.workers["echo.0"].pid, signal.SIGKILL)
+        rec = wait_for(lambda: (r := load(path)) is not None and r.workers["echo.0"].state == "failed" and r,
+                       timeout_s=60, what="echo.0 to be failed")
+        w = rec.workers["echo.0"]
+        assert (rec.state, w.restarts, w.last_exit) == ("degraded", 2, 2), rec.model_dump_json(indent=1)
+        assert "crashed 3 times within 120 s" in (w.error or "")
+        assert rec.workers["encoder.0"].state == "ready"
+        st = tdist(["status"], env)
+        assert st.returncode == 1, st.stdout + st.stderr
+        assert "worker echo.0 failed" in st.stderr and "told to crash" in st.stderr, st.stderr
+        data = json.loads(tdist(["status", "--json"], env).stdout)
+        assert data["state"] == "degraded" and "told to crash" in data["failed"]["echo.0"]["log_tail"]
+        assert [w["state"] for w in data["components"]["echo"]["workers"]] == ["failed"]
+        assert not w.process.alive()
+    finally:
+        stop = tdist(["stop", "--name", "lc-crash"], env)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    final = RunRecord.load(path)
+    assert final.state == "stopped" and final.workers["echo.0"].state == "failed"
+    assert still_alive(recorded(final) + [final.supervisor], 10) == []
