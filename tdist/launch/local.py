@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from tdist.errors import LaunchError
+from tdist.launch.children import exited as _exited
+from tdist.launch.children import kill_group as _kill_group
+from tdist.launch.children import reap as _reap
 from tdist.launch.logs import tail_file
 from tdist.launch.nats import NatsServer, start_nats
 from tdist.launch.readiness import ProgressFn, wait_ready_in_discovery
@@ -234,6 +237,8 @@ class LocalSupervisor:
             if self._supervise_round(time.monotonic()):
                 self._update_deployment_state()
                 self.state.save()
+            if self.etcd is not None and not self.etcd.alive():
+                await self._restart_etcd()
             if self.nats is not None and not self.nats.alive() and not self.state.error:
                 self.state.error = f"embedded nats-server died (exit {self.nats.process.returncode})"
                 self.state.state = "degraded"
@@ -243,6 +248,26 @@ class LocalSupervisor:
                 await asyncio.wait_for(stop.wait(), 0.2)
             except asyncio.TimeoutError:
                 pass
+
+    async def _restart_etcd(self) -> None:
+        """The embedded etcd died: start it again on the same ports and data dir (keys and leases
+        survive; workers' discovery clients reconnect to the endpoints they know). The deployment
+        is `degraded` while it is down; one that does not come back is retried next round."""
+        code = self.etcd.process.returncode
+        self.state.etcd.last_exit = code
+        self.state.state = "degraded" if self.state.state == "ready" else self.state.state
+        self.state.save()
+        log.warning("embedded etcd exited with %s; restarting it on the same ports", code)
+        try:
+            self.etcd.respawn()  # here, in the main thread: its parent-death signal is bound to it
+            await asyncio.to_thread(self.etcd.wait_ready, 30.0)
+        except LaunchError as exc:
+            log.error("embedded etcd did not come back: %s", exc.render())
+            return
+        self.state.etcd.process = ProcessRecord.of(self.etcd.process.pid)
+        self.state.etcd.restarts = self.etcd.restarts
+        self._update_deployment_state()
+        self.state.save()
 
     def _supervise_round(self, now: float) -> bool:
         """One look at every worker process; True when a record changed."""
@@ -282,6 +307,7 @@ class LocalSupervisor:
         if self.state.state not in ("ready", "degraded"):
             return
         broken = any(w.state in ("failed", "restarting") for w in self.state.workers.values())
+        broken = broken or (self.etcd is not None and not self.etcd.alive())
         self.state.state = "degraded" if broken else "ready"
 
     # ---- stop -------------------------------------------------------------------------------
@@ -326,42 +352,6 @@ class LocalSupervisor:
             self.etcd = None
         self.state.state = final_state  # type: ignore[assignment]
         self.state.save()
-
-
-def _exited(proc: subprocess.Popen[bytes]) -> int | None:
-    """The exit status of a child that has exited, WITHOUT reaping it (None: still running).
-
-    Unreaped, its pid cannot be handed to another process, so its group can still be signalled
-    safely; `_reap` does that and then reaps.
-    """
-    if proc.returncode is not None:
-        return proc.returncode
-    try:
-        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return proc.poll()
-    if info is None or info.si_pid == 0:
-        return None
-    return -info.si_status if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) else info.si_status
-
-
-def _reap(proc: subprocess.Popen[bytes]) -> int | None:
-    """None while `proc` runs; once it has exited: SIGKILL what is left of its group (engine
-    processes, a Triton server), then reap it and return its exit code (Popen's convention)."""
-    if proc.returncode is not None:
-        return proc.returncode
-    if _exited(proc) is None:
-        return None
-    _kill_group(proc.pid, signal.SIGKILL)
-    return proc.wait()
-
-
-def _kill_group(pid: int, sig: int) -> None:
-    """Signal the process group of a child we started (and have not reaped: the pid is still ours)."""
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _record_of_workers(sup: LocalSupervisor) -> RunRecord:

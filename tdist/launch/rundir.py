@@ -184,6 +184,8 @@ class NatsRecord(_Model):
 class EtcdRecord(_Model):
     endpoints: list[str] = Field(default_factory=list)
     process: ProcessRecord | None = None
+    restarts: int = Field(0, description="Times the supervisor restarted the embedded etcd")
+    last_exit: int | None = Field(None, description="Exit code of the embedded etcd when it last died")
 
 
 class SlurmRecord(_Model):

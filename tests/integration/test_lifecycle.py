@@ -250,3 +250,42 @@ def test_a_worker_that_keeps_crashing_is_failed_and_status_shows_its_log(env: di
     final = RunRecord.load(path)
     assert final.state == "stopped" and final.workers["echo.0"].state == "failed"
     assert still_alive(recorded(final) + [final.supervisor], 10) == []
+
+
+# ---- 5. etcd supervised -------------------------------------------------------------------------
+
+
+def test_embedded_etcd_killed_is_restarted_and_discovery_survives(env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    pytest.importorskip("aetcd")
+    graph = make_graph(tmp_path, "lc-etcd", discovery={"kind": "etcd", "etcd_endpoints": "embedded", "ttl_s": 3})
+    path = state_file(env, "lc-etcd")
+    dep = tdist(["deploy", str(graph), "--detach"], env)
+    rec = load(path)
+    try:
+        assert dep.returncode == 0, dep.stdout + dep.stderr
+        assert rec is not None and rec.discovery == "etcd" and rec.etcd.process is not None
+        first = rec.etcd.process
+        endpoints = list(rec.etcd.endpoints)
+        os.kill(first.pid, signal.SIGKILL)
+        rec = wait_for(lambda: (r := load(path)) is not None and r.etcd.restarts == 1 and r.etcd.process is not None
+                       and r.etcd.process.alive() and r, timeout_s=60, what="the embedded etcd to be restarted")
+        assert not first.alive() and rec.etcd.process.pid != first.pid
+        assert rec.etcd.endpoints == endpoints and rec.etcd.last_exit == -signal.SIGKILL
+
+        def all_ready() -> dict | None:
+            st = tdist(["status", "--json"], env)
+            data = json.loads(st.stdout) if st.stdout.strip() else {}
+            workers = [w for c in data.get("components", {}).values() for w in c["workers"]]
+            ok = st.returncode == 0 and len(workers) == 3 and all(w["state"] == "ready" for w in workers)
+            return data if ok and data["state"] == "ready" else None
+
+        wait_for(all_ready, timeout_s=60, what="every worker discoverable and the deployment ready after the restart")
+        for i in range(3):
+            inf = tdist(["infer", "--component", "encoder_decoder", "--input", f"input=[{i},2,3]"], env)
+            assert inf.returncode == 0 and f"output: [{i}, 2, 3]" in inf.stdout, inf.stdout + inf.stderr
+    finally:
+        stop = tdist(["stop", "--name", "lc-etcd"], env)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    final = RunRecord.load(path)
+    assert final.state == "stopped"
+    assert still_alive(recorded(final) + [final.supervisor, first], 10) == []
