@@ -84,6 +84,20 @@ def prepare_run_dir(deployment: str) -> tuple[Path, Path | None]:
     return run_dir, moved
 
 
+def alive_in_run(run_dir: Path) -> list[str]:
+    """`name (pid N)` for every process the run in `run_dir` recorded that is still alive, judged by
+    identity (pid + start time). Why: a crashed run's processes may still be serving (or holding
+    ports, GPUs) after its directory was moved aside; a new deploy of the name says so."""
+    try:
+        rec = RunRecord.load(run_dir / "state.json")
+    except (OSError, ValueError):
+        return []
+    procs = rec.processes()
+    if rec.supervisor is not None:
+        procs["supervisor"] = rec.supervisor
+    return [f"{label} (pid {procs[label].pid})" for label in procs if procs[label].alive()]
+
+
 def _prune_previous(previous: Path) -> None:
     import shutil
 

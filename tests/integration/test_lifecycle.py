@@ -289,3 +289,46 @@ def test_embedded_etcd_killed_is_restarted_and_discovery_survives(env: dict[str,
     final = RunRecord.load(path)
     assert final.state == "stopped"
     assert still_alive(recorded(final) + [final.supervisor, first], 10) == []
+
+
+# ---- 6. crashed runs kept -----------------------------------------------------------------------
+
+
+def test_redeploy_keeps_the_crashed_run_and_warns_about_its_live_processes(env: dict[str, str], tmp_path: Path) -> None:  # noqa: F811
+    """The previous run's record names a process still alive (by identity) and one that is gone:
+    the new deploy moves the run aside, warns about the live one only, and signals nothing."""
+    from tdist.launch.rundir import LaunchOptions, WorkerRecord
+
+    survivor = subprocess.Popen([os.sys.executable, "-c", "import signal; signal.pause()"], start_new_session=True)
+    gone = subprocess.Popen([os.sys.executable, "-c", "pass"])
+    gone.wait()
+    graph = make_graph(tmp_path, "lc-again")
+    data = yaml.safe_load(graph.read_text())
+    data["workers"] = data["workers"][:1]
+    data["operators"] = data["operators"][:1]
+    graph.write_text(yaml.safe_dump(data, sort_keys=False))
+    old_dir = Path(env["TDIST_HOME"]) / "runs" / "lc-again"
+    (old_dir / "logs").mkdir(parents=True)
+    (old_dir / "logs" / "encoder.0.log").write_text("the crashed run's log\n")
+    RunRecord(deployment="lc-again", run_dir=str(old_dir), plan_path=str(old_dir / "plan.json"), options=LaunchOptions(),
+              state="failed", components=["encoder"], workers={
+                  "encoder.0": WorkerRecord(name="encoder.0", component="encoder", process=ProcessRecord.of(survivor.pid)),
+                  "encoder.1": WorkerRecord(name="encoder.1", component="encoder",
+                                            process=ProcessRecord(pid=gone.pid, start=1))}).save()
+    try:
+        dep = tdist(["deploy", str(graph), "--detach"], env)
+        assert dep.returncode == 0, dep.stdout + dep.stderr
+        kept = list((Path(env["TDIST_HOME"]) / "runs" / ".previous" / "lc-again").iterdir())
+        assert len(kept) == 1 and (kept[0] / "logs" / "encoder.0.log").read_text() == "the crashed run's log\n"
+        warning = " ".join(dep.stderr.split())
+        assert f"warning: 1 process(es) of the previous run of lc-again are still alive: encoder.0 (pid {survivor.pid})" \
+            in warning, dep.stderr
+        assert f"pid {gone.pid}" not in warning
+        assert survivor.poll() is None  # warned about, never signalled
+    finally:
+        stop = tdist(["stop", "--name", "lc-again"], env)
+        survivor.kill()
+        survivor.wait(10)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    final = RunRecord.load(state_file(env, "lc-again"))
+    assert final.state == "stopped" and still_alive(recorded(final) + [final.supervisor], 10) == []
