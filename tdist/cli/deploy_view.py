@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.status import Status
 from rich.table import Table
 
@@ -32,6 +33,9 @@ class CliEvents(LaunchEvents):
 
     def note(self, text: str) -> None:
         self.out.print(text) if text.startswith("submitted") else self.err.print(f"[dim]{text}[/]")
+
+    def warn(self, text: str) -> None:
+        self.err.print(f"[bold yellow]warning:[/] {escape(text)}")
 
     def phase(self, text: str) -> None:
         self._phase = text

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tdist.errors import BadRequest, LaunchError, TdistError
@@ -223,13 +224,24 @@ def status(
     name: Optional[str] = typer.Option(None, "--name", help="Deployment (default: the only one running)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Components → workers: state, host, pid, in-flight, served, errors, uptime, heartbeat age."""
+    """Components → workers: state, host, pid, in-flight, served, errors, uptime, heartbeat age.
+
+    Finds a deployment whose supervisor died too, and says so (exit 1): then the deployment is
+    `degraded` while processes it left still run, `failed` when none does.
+    """
     from tdist.launch.rundir import find_run
 
     state = find_run(name)
     entries: dict[str, dict[str, Any]] = {}
     problem: str | None = None
-    if state.nats.url:
+    orphaned = state.health_note()  # the supervisor died: say so, and what of it still runs
+    run_state = state.state
+    if orphaned:
+        run_state = "degraded" if state.alive_processes() else "failed"
+    nats_gone = state.nats.embedded and state.nats.process is not None and not state.nats.process.alive()
+    if nats_gone and state.supervised:
+        problem = f"the embedded nats-server (pid {state.nats.process.pid}) is not running"
+    elif state.nats.url:
         async def fetch() -> dict[str, dict[str, Any]]:
             client = await _client_for(state.deployment, None)
             try:
@@ -258,23 +270,32 @@ def status(
             "restarts": rec.restarts if rec else 0,
             "operators": e.get("per_operator", {}),
         })
+    failed = _failed_workers(state, components, now)
     unhealthy = [c for c, v in components.items() if not any(w["state"] == "ready" for w in v["workers"])]
     if as_json:
-        print(json.dumps({"deployment": state.deployment, "state": state.state, "nats_url": state.nats.url,
+        print(json.dumps({"deployment": state.deployment, "state": run_state, "nats_url": state.nats.url,
                           "request_plane": request_plane_status(state),
-                          "components": components, "unhealthy": unhealthy, "error": problem}, indent=2))
+                          "components": components, "unhealthy": unhealthy, "error": problem,
+                          "supervisor": None if state.supervisor is None else {
+                              "pid": state.supervisor.pid, "alive": state.supervisor.alive()},
+                          "orphaned": orphaned, "alive": state.alive_processes(), "failed": failed}, indent=2))
     else:
         plane = request_plane_status(state)
         url = state.nats.url
         if url and plane["state"] not in (None, "up"):
             url = f"{url} (request plane {plane['state']})"
-        t = status_table(state.deployment, state.state, url, components)
+        t = status_table(state.deployment, run_state, url, components)
         out.print(t)
+        if orphaned:
+            err.print(f"[red]{orphaned}[/]")
+        for wname, f in failed.items():
+            err.print(f"[red]worker {wname} failed:[/] {escape(f['error'] or 'exited')}; last lines of {f['log']}:")
+            err.print(escape(f["log_tail"]) or "[dim](empty)[/]", markup=True)
         if problem:
             err.print(f"[red]{problem}[/]")
         if unhealthy:
             err.print(f"[red]no ready worker:[/] {', '.join(unhealthy)}")
-    if unhealthy or problem:
+    if unhealthy or problem or orphaned:
         raise typer.Exit(1)
 
 
@@ -283,6 +304,36 @@ def request_plane_status(state: Any) -> dict[str, Any]:
     restarting, down), else None (an external server: tdist does not watch it)."""
     return {"url": state.nats.url, "embedded": state.nats.embedded, "state": state.nats.state,
             "restarts": state.nats.restarts}
+
+
+#: Lines of a failed worker's log that `status` shows.
+FAILED_LOG_LINES = 15
+
+
+def _failed_workers(state: Any, components: dict[str, dict[str, Any]], now: float) -> dict[str, dict[str, Any]]:
+    """Workers the supervisor gave up on (run record: `failed`), with why and their log tail.
+
+    Their discovery entry, if one is left, says what it said last (`ready`, a stale heartbeat):
+    the record wins. A failed worker with no entry gets a row of its own, so status shows it.
+    """
+    from tdist.launch.logs import tail_file
+
+    failed: dict[str, dict[str, Any]] = {}
+    for wname, rec in state.workers.items():
+        if rec.state != "failed":
+            continue
+        failed[wname] = {"error": rec.error, "last_exit": rec.last_exit, "restarts": rec.restarts, "log": rec.log,
+                         "log_tail": tail_file(rec.log, FAILED_LOG_LINES)}
+        comp = components.setdefault(rec.component, {"operators": state.operators.get(rec.component, []), "workers": []})
+        row = next((w for w in comp["workers"] if w["name"] == wname), None)
+        if row is None:
+            comp["workers"].append({"name": wname, "state": "failed", "host": rec.process.host if rec.process else "",
+                                    "pid": rec.pid, "rank": None, "inflight": 0, "served": 0, "errors": 0,
+                                    "metrics_port": None, "uptime_s": 0.0, "heartbeat_age_s": 0.0,
+                                    "restarts": rec.restarts, "operators": {}})
+        else:
+            row["state"] = "failed"
+    return failed
 
 
 def status_table(deployment: str, run_state: str, nats_url: str | None, components: dict[str, dict[str, Any]]) -> Table:

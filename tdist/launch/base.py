@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
 from tdist.errors import LaunchError
-from tdist.launch.rundir import LaunchOptions, RunRecord, prepare_run_dir, write_plan
+from tdist.launch.rundir import LaunchOptions, RunRecord, alive_in_run, prepare_run_dir, write_plan
 
 if TYPE_CHECKING:
     from tdist.plan.model import Plan
@@ -26,6 +26,9 @@ class LaunchEvents:
 
     def note(self, text: str) -> None:
         """A line worth showing (a job id, where the previous run went)."""
+
+    def warn(self, text: str) -> None:
+        """Something the user should act on, though the verb goes on (a previous run's processes still alive)."""
 
     def phase(self, text: str) -> None:
         """A longer step begins ("starting X", "stopping X"); progress() refines it."""
@@ -74,6 +77,10 @@ class Launcher(ABC):
             raise LaunchError(f"the plan's run directory {self.plan.run_dir} is not the deployment's {run_dir}")
         if previous is not None:
             events.note(f"previous run of {self.plan.deployment} kept in {previous}")
+            alive = alive_in_run(previous)
+            if alive:
+                events.warn(f"{len(alive)} process(es) of the previous run of {self.plan.deployment} are still "
+                            f"alive: {', '.join(alive)}; they were not stopped (its run record: {previous}/state.json)")
         write_plan(self.plan)
         self.record = RunRecord.for_plan(self.plan, self.options, graph=graph)
         self.record.save()

@@ -24,6 +24,7 @@ from pathlib import Path
 from tdist.errors import LaunchError
 from tdist.launch.logs import tail_file
 from tdist.runtime.ports import free_ports
+from tdist.runtime.process_identity import owner_preexec
 
 READY_LINE = "ready to serve client requests"
 
@@ -68,9 +69,13 @@ class EtcdServer:
     log_path: Path
     owns_data_dir: bool = True
     _log_file: object = field(default=None, repr=False)
+    _log_offset: int = field(default=0, repr=False)
 
     advertise_host: str = "127.0.0.1"
     listen_host: str = "127.0.0.1"
+    #: The argv it was started with: a restart reuses it (same ports, same data dir).
+    argv: list[str] = field(default_factory=list)
+    restarts: int = 0
 
     @property
     def endpoint(self) -> str:
@@ -82,6 +87,32 @@ class EtcdServer:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def respawn(self) -> None:
+        """Start etcd again after it died: the same argv (ports, data dir: its keys and leases
+        survive), the same log. Call from the main thread (the parent-death signal is bound to the
+        spawning thread); then `wait_ready`. Why the same ports: every worker and client was told
+        these endpoints, and reconnects to them on its own."""
+        if self.alive():
+            return
+        if self._log_file is None:
+            self._log_file = open(self.log_path, "ab")
+        self.mark_log()
+        self.process = subprocess.Popen(self.argv, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=owner_preexec(signal.SIGKILL))
+        self.restarts += 1
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Until it serves again (its readiness line, written anew, and /health); LaunchError if not."""
+        _wait_ready(self, timeout_s, since=self._log_offset)
+
+    def mark_log(self) -> None:
+        """Remember the log's end: readiness after a restart looks only at what follows."""
+        try:
+            self._log_offset = self.log_path.stat().st_size
+        except OSError:
+            self._log_offset = 0
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """TERM, then KILL after timeout_s; removes the data dir when we made it."""
@@ -163,18 +194,22 @@ def start_etcd(
         lpath = Path(log_path) if log_path else ddir / "etcd.log"
         client_port, peer_port = free_ports(2, "127.0.0.1")
         logf = open(lpath, "ab")
+        offset = lpath.stat().st_size
+        argv = etcd_command(binary, ddir / "data", client_port, peer_port, host=host, advertise_host=advertise_host)
         proc = subprocess.Popen(
-            etcd_command(binary, ddir / "data", client_port, peer_port, host=host, advertise_host=advertise_host),
+            argv,
             stdout=logf,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=owner_preexec(signal.SIGKILL),  # dies with its owner (the supervisor or the CLI)
         )
         server = EtcdServer(proc, client_port, peer_port, ddir, lpath, owns_data_dir=owns, _log_file=logf,
                             advertise_host=advertise_host or ("127.0.0.1" if host == "0.0.0.0" else host),
-                            listen_host=host)
+                            listen_host=host, argv=argv)
+        server._log_offset = offset
         try:
-            _wait_ready(server, timeout_s)
+            _wait_ready(server, timeout_s, since=offset)
             return server
         except LaunchError as e:
             text = tail_file(lpath, 50)
@@ -186,7 +221,7 @@ def start_etcd(
     raise last_error
 
 
-def _wait_ready(server: EtcdServer, timeout_s: float) -> None:
+def _wait_ready(server: EtcdServer, timeout_s: float, since: int = 0) -> None:
     deadline = time.monotonic() + timeout_s
     delay = 0.01
     while time.monotonic() < deadline:
@@ -197,7 +232,9 @@ def _wait_ready(server: EtcdServer, timeout_s: float) -> None:
                 log_path=str(server.log_path),
             )
         try:
-            seen = READY_LINE in server.log_path.read_text(errors="replace")
+            with open(server.log_path, "rb") as fh:
+                fh.seek(since)
+                seen = READY_LINE in fh.read().decode(errors="replace")
         except OSError:
             seen = False
         local = "127.0.0.1" if server.listen_host == "0.0.0.0" else server.listen_host

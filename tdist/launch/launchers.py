@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -47,9 +48,13 @@ class SupervisedLauncher(Launcher):
         from tdist.launch.supervisor import make_supervisor, serve_foreground
 
         sup = make_supervisor(record)
-        final = asyncio.run(serve_foreground(
-            sup, progress=events.progress, ready=events.ready,
-            stopping=lambda: events.phase(f"stopping {self.plan.deployment}")))
+        try:
+            final = asyncio.run(serve_foreground(
+                sup, progress=events.progress, ready=events.ready,
+                stopping=lambda: events.phase(f"stopping {self.plan.deployment}")))
+        except KeyboardInterrupt:
+            events.done(f"stopped {self.plan.deployment} (interrupted during start-up)")
+            raise
         events.done(f"stopped {self.plan.deployment}")
         return final
 
@@ -57,13 +62,31 @@ class SupervisedLauncher(Launcher):
         """Run the supervisor as its own process; return once its run record says `ready`.
 
         A supervisor that exits, or a record that says `failed`, is a LaunchError with its log tail.
+        The supervisor is meant to outlive this CLI once ready; until then Ctrl-C, SIGTERM or SIGHUP
+        of the CLI stops it (and with it everything it started), and the CLI exits 130.
         """
         sup_log = record.log_dir / "supervisor.log"
         with open(sup_log, "ab") as logf:
+            # no parent-death signal: a detached supervisor outlives the CLI by design
             proc = subprocess.Popen(
                 [sys.executable, "-m", SUPERVISOR_MODULE, "--run-dir", record.run_dir],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
             )
+        previous = ({sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+                    if threading.current_thread() is threading.main_thread() else {})
+        try:
+            return self._wait_detached(record, proc, sup_log, events)
+        except KeyboardInterrupt:
+            events.phase(f"interrupted: stopping {record.deployment}")
+            _stop_supervisor(proc)
+            events.done(f"stopped {record.deployment} (interrupted during start-up)")
+            raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _wait_detached(self, record: RunRecord, proc: "subprocess.Popen[bytes]", sup_log: "os.PathLike[str]",
+                       events: LaunchEvents) -> RunRecord:
         total = len(record.workers)
         deadline = time.monotonic() + self.options.startup_timeout_s + DETACH_GRACE_S
         while True:
@@ -90,6 +113,9 @@ class SupervisedLauncher(Launcher):
         events.phase(f"stopping {self.record.deployment}" + ("" if self.kind == "local" else f": ending the {self.kind} world"))
         rec = self.record
         forced: list[str] = []
+        note = rec.health_note()
+        if note:
+            events.note(note)
         sup = rec.supervisor
         if sup is not None and sup.alive() and sup.pid != os.getpid():
             os.kill(sup.pid, signal.SIGTERM)
@@ -97,10 +123,17 @@ class SupervisedLauncher(Launcher):
                 sup.signal_group(signal.SIGKILL)
                 forced.append("supervisor")
         rec = rec.reload()  # what the supervisor recorded last
-        # Whatever the supervisor could not clean up (it crashed, or was killed): end it here.
-        for name, w in rec.workers.items():
-            if w.process is not None and w.process.signal_group(signal.SIGKILL):
-                forced.append(name)
+        # Whatever the supervisor could not clean up (it crashed, or was killed): end it here, each
+        # process only while its recorded identity still matches (a recycled pid is a stranger).
+        left = {name: w.process for name, w in rec.workers.items() if w.process is not None and w.process.alive()}
+        for proc in left.values():
+            proc.signal_group(signal.SIGTERM)  # a drain, bounded below
+        deadline = time.monotonic() + min(timeout_s, 10.0)
+        while any(p.alive() for p in left.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for name, proc in left.items():
+            proc.signal_group(signal.SIGKILL)
+            forced.append(name)
         for label, proc in (("nats-server", rec.nats.process if rec.nats.embedded else None),
                             ("etcd", rec.etcd.process), (self.kind, rec.world)):
             if proc is not None and proc.signal_group(signal.SIGTERM):
@@ -115,6 +148,21 @@ class SupervisedLauncher(Launcher):
         self.record = rec
         events.done(f"stopped {rec.deployment}" + (f" (killed: {', '.join(forced)})" if forced else ""))
         return forced
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_supervisor(proc: "subprocess.Popen[bytes]", timeout_s: float = 60.0) -> None:
+    """SIGTERM a supervisor we started (it tears down in order); SIGKILL it after timeout_s or on
+    a second Ctrl-C (what it started then dies with it: parent-death signal)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        proc.kill()
+        proc.wait(10)
 
 
 def _wait_gone(proc: ProcessRecord, timeout_s: float) -> bool:

@@ -4,8 +4,10 @@ Starts the embedded nats-server when the plan asks for it, starts every worker a
 `python -m tdist.runtime.worker --plan <run>/plan.json --rank N` (exactly what `tdist plan`
 prints) in its own process group with its log file, waits until each one is `ready` in
 discovery (under a timeout, failing fast with the log tail of a worker that died), restarts a
-crashed worker with exponential backoff (unless told not to: then it stays `failed` and the
-deployment `degraded`), and tears everything down in order: workers in reverse start order
+crashed worker with exponential backoff until it has crashed `restart_max_crashes` times within
+`restart_window_s` (or at once under --no-restart): then it stays `failed`, with why in the run
+record, and the deployment is `degraded` — a broken worker is not restarted forever behind a
+deployment that says `ready`. Tears everything down in order: workers in reverse start order
 (callers before callees), then NATS and etcd. Everything it starts is recorded with its identity
 (pid + start time) in the run record (launch/rundir.py).
 """
@@ -25,12 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from tdist.errors import LaunchError
+from tdist.launch.children import exited as _exited
+from tdist.launch.children import kill_group as _kill_group
+from tdist.launch.children import reap as _reap
 from tdist.launch.logs import tail_file
 from tdist.launch.nats import NatsPortTaken, NatsServer, start_nats
 from tdist.launch.readiness import ProgressFn, wait_ready_in_discovery
 from tdist.launch.rundir import LaunchOptions, ProcessRecord, RunRecord, WorkerRecord
 from tdist.plan.emit import worker_command
 from tdist.runtime.config import WorkerConfig
+from tdist.runtime.process_identity import owner_preexec
 
 log = logging.getLogger("tdist.launch")
 
@@ -41,7 +47,7 @@ class _Proc:
     record: WorkerRecord
     process: subprocess.Popen[bytes] | None = None
     started_mono: float = 0.0
-    backoff_s: float = 1.0
+    crashes: list[float] = field(default_factory=list)  # monotonic times of its recent crashes
     restart_at: float | None = None
     stopping: bool = False
     log_fh: Any = None
@@ -59,6 +65,9 @@ class LocalSupervisor:
     drain_timeout_s: float = 30.0
     restart: bool = True
     max_backoff_s: float = 30.0
+    #: Crashes within restart_window_s after which a worker is `failed` (graph: launch.local).
+    restart_max_crashes: int = 5
+    restart_window_s: float = 300.0
     graph: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     #: The plan file every worker reads its config from (`--plan PATH --rank N`, the one command
@@ -71,6 +80,8 @@ class LocalSupervisor:
     record: RunRecord | None = None
     nats: NatsServer | None = field(init=False, default=None)
     etcd: Any = field(init=False, default=None)  # embedded etcd (discovery: etcd, endpoints: embedded)
+    #: Set by a second Ctrl-C (`hurry`): stop kills at once instead of waiting for drains.
+    hurried: bool = field(init=False, default=False)
     _procs: list[_Proc] = field(init=False, default_factory=list)
     _ranks: dict[str, int] = field(init=False, default_factory=dict)
     #: restarts of the embedded nats-server: next try (monotonic), backoff, why it cannot come back
@@ -103,6 +114,10 @@ class LocalSupervisor:
         """Start everything; return once all workers are ready. On failure: record why, tear down, raise."""
         try:
             await self._start_processes(progress)
+        except asyncio.CancelledError:  # Ctrl-C / SIGTERM / SIGHUP during start-up: tear down, say so
+            self.state.error = "start-up interrupted"
+            await self.stop()
+            raise
         except BaseException as exc:
             self.state.state = "failed"
             self.state.error = exc.render() if isinstance(exc, LaunchError) else f"{type(exc).__name__}: {exc}"
@@ -194,7 +209,8 @@ class LocalSupervisor:
             stdout=proc.log_fh,
             stderr=subprocess.STDOUT,
             env=env,
-            start_new_session=True,
+            start_new_session=True,  # its own group: the engine processes it starts go with it
+            preexec_fn=owner_preexec(signal.SIGTERM),  # and it dies with us (the worker ends its group then)
         )
         proc.started_mono = time.monotonic()
         proc.record.process = ProcessRecord.of(proc.process.pid)
@@ -203,7 +219,7 @@ class LocalSupervisor:
     def _check_workers(self) -> None:
         """Raise (with its log tail) if a worker we started has exited during start-up."""
         for p in self._procs:
-            if p.process is not None and p.process.poll() is not None:
+            if p.process is not None and _reap(p.process) is not None:
                 raise LaunchError(f"worker {p.config.name} exited with code {p.process.returncode} during start",
                                   log_tail=tail_file(p.record.log), log_path=p.record.log)
 
@@ -228,6 +244,8 @@ class LocalSupervisor:
             if self._supervise_round(time.monotonic()):
                 self._update_deployment_state()
                 self.state.save()
+            if self.etcd is not None and not self.etcd.alive():
+                await self._restart_etcd()
             if self.nats is not None and not await self._supervise_nats(time.monotonic()):
                 stop.set()  # the request plane cannot come back: stop cleanly, state failed
                 break
@@ -236,33 +254,55 @@ class LocalSupervisor:
             except asyncio.TimeoutError:
                 pass
 
+    async def _restart_etcd(self) -> None:
+        """The embedded etcd died: start it again on the same ports and data dir (keys and leases
+        survive; workers' discovery clients reconnect to the endpoints they know). The deployment
+        is `degraded` while it is down; one that does not come back is retried next round."""
+        code = self.etcd.process.returncode
+        self.state.etcd.last_exit = code
+        self.state.state = "degraded" if self.state.state == "ready" else self.state.state
+        self.state.save()
+        log.warning("embedded etcd exited with %s; restarting it on the same ports", code)
+        try:
+            self.etcd.respawn()  # here, in the main thread: its parent-death signal is bound to it
+            await asyncio.to_thread(self.etcd.wait_ready, 30.0)
+        except LaunchError as exc:
+            log.error("embedded etcd did not come back: %s", exc.render())
+            return
+        self.state.etcd.process = ProcessRecord.of(self.etcd.process.pid)
+        self.state.etcd.restarts = self.etcd.restarts
+        self._update_deployment_state()
+        self.state.save()
+
     def _supervise_round(self, now: float) -> bool:
         """One look at every worker process; True when a record changed."""
         changed = False
         for p in self._procs:
             if p.stopping or p.process is None:
                 continue
-            code = p.process.poll()
+            code = _reap(p.process)  # what the worker started (engine processes, a Triton server) dies with it
             if code is None:
-                if now - p.started_mono > 60:
-                    p.backoff_s = 1.0  # healthy for a minute: forget past crashes
                 continue
             if p.restart_at is None:
                 p.record.last_exit = code
-                # what the worker started (engine processes, a Triton server) dies with it
-                _kill_group(p.process.pid, signal.SIGKILL)
-                if not self.restart:
+                p.crashes = [t for t in p.crashes if now - t < self.restart_window_s] + [now]
+                if not self.restart or len(p.crashes) >= self.restart_max_crashes:
                     p.record.state = "failed"
+                    p.record.error = (f"exited with code {code}; not restarted (--no-restart)" if not self.restart else
+                                      f"crashed {len(p.crashes)} times within {self.restart_window_s:g} s "
+                                      f"(restart_max_crashes {self.restart_max_crashes}); last exit code {code}")
+                    log.error("worker %s %s", p.config.name, p.record.error)
                     p.stopping = True
                     changed = True
                     continue
-                p.restart_at = now + p.backoff_s
+                backoff = min(self.max_backoff_s, 2.0 ** (len(p.crashes) - 1))
+                p.restart_at = now + backoff
                 p.record.state = "restarting"
-                log.warning("worker %s exited with %s; restarting in %.1f s", p.config.name, code, p.backoff_s)
+                log.warning("worker %s exited with %s (crash %d of %d within %g s); restarting in %.1f s", p.config.name,
+                            code, len(p.crashes), self.restart_max_crashes, self.restart_window_s, backoff)
                 changed = True
             elif now >= p.restart_at:
                 p.restart_at = None
-                p.backoff_s = min(self.max_backoff_s, p.backoff_s * 2)
                 p.record.restarts += 1
                 self._spawn(p)
                 changed = True
@@ -273,6 +313,7 @@ class LocalSupervisor:
             return
         broken = any(w.state in ("failed", "restarting") for w in self.state.workers.values())
         broken = broken or self.state.nats.state not in (None, "up")
+        broken = broken or (self.etcd is not None and not self.etcd.alive())
         self.state.state = "degraded" if broken else "ready"
 
     async def _supervise_nats(self, now: float) -> bool:
@@ -321,6 +362,10 @@ class LocalSupervisor:
 
     # ---- stop -------------------------------------------------------------------------------
 
+    def hurry(self) -> None:
+        """Stop now (a second Ctrl-C): drains still running are cut short by SIGKILL."""
+        self.hurried = True
+
     async def stop(self, final_state: str = "stopped") -> None:
         """Drain workers in reverse start order by component, then stop NATS. Leaves no process."""
         if self.nats_failure is not None and final_state == "stopped":
@@ -338,14 +383,15 @@ class LocalSupervisor:
                 if p.process is not None and p.process.poll() is None:
                     _kill_group(p.process.pid, signal.SIGTERM)
             deadline = time.monotonic() + self.drain_timeout_s
-            while any(p.process is not None and p.process.poll() is None for p in group) and time.monotonic() < deadline:
+            while (any(p.process is not None and _exited(p.process) is None for p in group)
+                   and time.monotonic() < deadline and not self.hurried):
                 await asyncio.sleep(0.05)
             for p in group:
-                if p.process is not None and p.process.poll() is None:
+                if p.process is not None:
+                    # SIGKILL the group (a worker past its drain, and stragglers of one that exited)
+                    # while the leader is still unreaped: its pid, the group's id, is still ours
                     _kill_group(p.process.pid, signal.SIGKILL)
                     p.process.wait(5)
-                if p.process is not None:
-                    _kill_group(p.process.pid, signal.SIGKILL)  # stragglers of its group
                 if p.record.state != "failed":
                     p.record.state = "stopped"
                 if p.log_fh is not None:
@@ -358,14 +404,6 @@ class LocalSupervisor:
             self.etcd = None
         self.state.state = final_state  # type: ignore[assignment]
         self.state.save()
-
-
-def _kill_group(pid: int, sig: int) -> None:
-    """Signal the process group of a child we started (and have not reaped: the pid is still ours)."""
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _record_of_workers(sup: LocalSupervisor) -> RunRecord:

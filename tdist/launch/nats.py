@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tdist.errors import LaunchError
 from tdist.launch.logs import tail_file
+from tdist.runtime.process_identity import owner_preexec
 
 
 class NatsPortTaken(LaunchError):
@@ -128,7 +129,10 @@ def start_nats(
     if truncate_log or not Path(log_path).exists():
         Path(log_path).write_text("")
     log_from = Path(log_path).stat().st_size  # a restart appends: readiness is what it logs from here
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    # bound to its owner (the supervisor, or the foreground CLI): it dies with it (launch/owner docs in
+    # tdist/runtime/process_identity.py)
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True, preexec_fn=owner_preexec(signal.SIGKILL))
     deadline = time.monotonic() + timeout_s
     ports_file = ports_dir / f"{Path(binary).name}_{proc.pid}.ports"
     while True:

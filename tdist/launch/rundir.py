@@ -84,6 +84,20 @@ def prepare_run_dir(deployment: str) -> tuple[Path, Path | None]:
     return run_dir, moved
 
 
+def alive_in_run(run_dir: Path) -> list[str]:
+    """`name (pid N)` for every process the run in `run_dir` recorded that is still alive, judged by
+    identity (pid + start time). Why: a crashed run's processes may still be serving (or holding
+    ports, GPUs) after its directory was moved aside; a new deploy of the name says so."""
+    try:
+        rec = RunRecord.load(run_dir / "state.json")
+    except (OSError, ValueError):
+        return []
+    procs = rec.processes()
+    if rec.supervisor is not None:
+        procs["supervisor"] = rec.supervisor
+    return [f"{label} (pid {procs[label].pid})" for label in procs if procs[label].alive()]
+
+
 def _prune_previous(previous: Path) -> None:
     import shutil
 
@@ -168,6 +182,7 @@ class WorkerRecord(_Model):
     restarts: int = 0
     last_exit: int | None = None
     state: WorkerState = "starting"
+    error: str | None = Field(None, description="Why the supervisor gave up on it (state `failed`)")
 
     @property
     def pid(self) -> int | None:
@@ -186,6 +201,8 @@ class NatsRecord(_Model):
 class EtcdRecord(_Model):
     endpoints: list[str] = Field(default_factory=list)
     process: ProcessRecord | None = None
+    restarts: int = Field(0, description="Times the supervisor restarted the embedded etcd")
+    last_exit: int | None = Field(None, description="Exit code of the embedded etcd when it last died")
 
 
 class SlurmRecord(_Model):
@@ -263,6 +280,44 @@ class RunRecord(_Model):
     def supervisor_alive(self) -> bool:
         return self.supervisor is not None and self.supervisor.alive()
 
+    def processes(self) -> dict[str, ProcessRecord]:
+        """label → every process this record names (workers, embedded servers, the world), not the supervisor."""
+        out = {name: w.process for name, w in self.workers.items() if w.process is not None}
+        if self.nats.embedded and self.nats.process is not None:
+            out["nats-server"] = self.nats.process
+        if self.etcd.process is not None:
+            out["etcd"] = self.etcd.process
+        if self.world is not None:
+            out[self.launcher] = self.world
+        return out
+
+    def alive_processes(self) -> list[str]:
+        """Labels of the recorded processes still alive on this host, judged by identity (pid + start)."""
+        return [label for label, proc in self.processes().items() if proc.alive()]
+
+    @property
+    def supervised(self) -> bool:
+        """A tdist supervisor runs it (local, mpirun, srun); Slurm runs an sbatch deployment."""
+        return self.launcher != "sbatch"
+
+    def supervisor_died(self) -> bool:
+        """The supervisor is gone but the record never reached an end (`stopped`, `failed`): it was
+        killed, or crashed. Its processes may still be alive (see `alive_processes`)."""
+        return (self.supervised and self.state not in ("stopped", "failed") and self.supervisor is not None
+                and self.supervisor.local and not self.supervisor.alive())
+
+    def health_note(self) -> str | None:
+        """What `status` and `stop` say about a deployment whose supervisor died; None otherwise."""
+        if not self.supervisor_died():
+            return None
+        assert self.supervisor is not None
+        alive = self.alive_processes()
+        if alive:
+            return (f"supervisor pid {self.supervisor.pid} died; {len(alive)} of its processes still run unsupervised "
+                    f"({', '.join(alive)}); `tdist stop --name {self.deployment}` ends them")
+        return (f"supervisor pid {self.supervisor.pid} died and none of its processes is alive; "
+                f"`tdist stop --name {self.deployment}` records it as stopped")
+
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -301,8 +356,32 @@ def live_runs() -> list[RunRecord]:
     return out
 
 
+def found_runs() -> list[RunRecord]:
+    """Deployments `status` and `stop` find without --name: the running ones (`live_runs`), and
+    those whose supervisor died without recording an end, whether or not its processes still run
+    (by identity), and ended runs with recorded processes still alive. A deployment is never lost
+    because its supervisor was killed."""
+    out: list[RunRecord] = []
+    root = runs_root()
+    if not root.is_dir():
+        return out
+    live = {r.deployment for r in live_runs()}
+    for state_file in sorted(root.glob("*/state.json")):
+        try:
+            rec = RunRecord.load(state_file)
+        except (OSError, ValueError):
+            continue
+        if rec.deployment in live or rec.supervisor_died() or (rec.state != "stopped" and rec.alive_processes()):
+            out.append(rec)
+    return out
+
+
 def find_run(name: str | None = None) -> RunRecord:
-    """The deployment to act on: the named one, or the only one running."""
+    """The deployment to act on: the named one, or the only one found (`found_runs`).
+
+    Without a name, a deployment with something alive (its supervisor, or processes it left) wins
+    over one whose processes are all gone; several of a kind need --name.
+    """
     if name:
         path = run_dir_for(name) / "state.json"  # a checked name: never a path outside runs/
         if not path.exists():
@@ -312,7 +391,9 @@ def find_run(name: str | None = None) -> RunRecord:
                 + (f"; running: {', '.join(known)}" if known else "; start one with: tdist deploy GRAPH --detach")
             )
         return RunRecord.load(path)
-    runs = live_runs()
+    found = found_runs()
+    running = [r for r in found if r.supervisor_alive() or not r.supervised or r.alive_processes()]
+    runs = running or found
     if not runs:
         raise DeploymentNotFound(f"no running deployment under {runs_root()}; start one with: tdist deploy GRAPH --detach")
     if len(runs) > 1:

@@ -30,6 +30,7 @@ from tdist.launch.local import LocalSupervisor
 from tdist.launch.logs import tail_file
 from tdist.launch.mpirun import RankLogDemux, _signal, find_mpirun, stop_pid, world_env
 from tdist.launch.rundir import ProcessRecord
+from tdist.runtime.process_identity import owner_preexec
 
 log = logging.getLogger("tdist.launch.world")
 
@@ -77,6 +78,8 @@ class WorldSupervisor(LocalSupervisor):
         self.world = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env=env, cwd=str(self.run_dir), start_new_session=True,
+            # bound to the supervisor: mpirun answers SIGTERM by ending the job, srun by cancelling the step
+            preexec_fn=owner_preexec(signal.SIGTERM),
         )
         rank_logs = {
             i: (w.log_path or str(self.run_dir / "logs" / f"{w.name}.log"))
@@ -154,7 +157,7 @@ class WorldSupervisor(LocalSupervisor):
                 if rec and rec.process and rec.process.alive():  # only ranks on this host, still themselves
                     _signal(rec.process.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.drain_timeout_s
-        while world.poll() is None and time.monotonic() < deadline:
+        while world.poll() is None and time.monotonic() < deadline and not self.hurried:
             time.sleep(0.05)
 
     async def supervise(self, stop: asyncio.Event) -> None:

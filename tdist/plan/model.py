@@ -106,6 +106,8 @@ class Plan(_Frozen):
     env: dict[str, str] = Field(default_factory=dict, description="Graph-level environment for every worker")
     startup_timeout_s: float = Field(120.0, description="Seconds the launcher waits for all workers to be ready")
     restart_on_crash: bool = Field(True, description="Local launcher: restart a worker that dies")
+    restart_max_crashes: int = Field(5, description="Crashes within restart_window_s after which a worker is `failed`")
+    restart_window_s: float = Field(300.0, description="Seconds over which a worker's crashes are counted")
     mpirun: MpirunPlan = Field(default_factory=MpirunPlan, description="mpirun settings")
     srun: SrunPlan = Field(description="Slurm settings")
     workers: list[WorkerConfig] = Field(description="One WorkerConfig per process; index = rank for the world")

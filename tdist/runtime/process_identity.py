@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _cached_pid = [0]
 
@@ -72,3 +76,112 @@ def self_identity() -> tuple[int, int | None]:
         _self_start.cache_clear()
         _cached_pid[0] = pid
     return pid, _self_start()
+
+
+# ---- owners: a process dies with the process that started it ------------------------------------
+#
+# Every process tdist starts is bound to an owner (the supervisor; in the foreground, the CLI; for
+# an MPI rank, mpirun): when the owner dies, by any signal, SIGKILL included, the process goes too,
+# within seconds, and takes its own children (engine processes, a Triton server) with it. Two
+# mechanisms, because each has a gap the other closes:
+#   * the kernel's parent-death signal (prctl PR_SET_PDEATHSIG), set between fork and exec
+#     (`owner_preexec`): nothing in the child has to run, so it works for nats-server and etcd
+#     too. It fires when the *thread* that forked the child exits, so it is only set from the
+#     main thread (whose end is the process's end);
+#   * a watch inside the worker (`watch_owner`) on its parent *process* (a pidfd, else polling
+#     getppid): thread-agnostic, works for ranks that mpirun/srun started (no preexec of ours
+#     there), and ends the worker's whole process group, grandchildren included.
+
+PR_SET_PDEATHSIG = 1
+#: How often `watch_owner` looks at its parent where pidfds are unavailable.
+OWNER_POLL_S = 0.25
+
+
+@functools.lru_cache(maxsize=1)
+def _prctl() -> "Callable[..., int] | None":
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).prctl
+        fn.restype = ctypes.c_int
+        return fn  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+def owner_preexec(sig: int) -> "Callable[[], None] | None":
+    """A `preexec_fn` that binds the child to this process: `sig` reaches it when we die.
+
+    None where that cannot be done safely: no prctl (not Linux), or not the main thread (the
+    signal would fire when this thread ends, not when the process does). The child also checks
+    that we did not die between fork and prctl (it would then have missed the signal).
+    """
+    import threading
+
+    prctl = _prctl()
+    if prctl is None or threading.current_thread() is not threading.main_thread():
+        return None
+    owner = os.getpid()
+    sig_c = int(sig)
+
+    def bind() -> None:  # between fork and exec: only async-signal-safe work
+        prctl(PR_SET_PDEATHSIG, sig_c, 0, 0, 0)
+        if os.getppid() != owner:
+            os.kill(os.getpid(), sig_c)
+
+    return bind
+
+
+def watch_owner(on_gone: "Callable[[int], None]") -> "object | None":
+    """Call `on_gone(owner_pid)` from a daemon thread once this process's parent has exited.
+
+    The parent at call time is the owner. Returns the thread; None when the parent is already
+    init (nothing to watch: the owner is gone, and `on_gone` runs at once).
+    """
+    import threading
+
+    owner = os.getppid()
+    if owner <= 1:
+        on_gone(owner)
+        return None
+
+    def wait_pidfd() -> bool:
+        import select
+
+        try:
+            fd = os.pidfd_open(owner)  # type: ignore[attr-defined]
+        except (AttributeError, OSError):
+            return False
+        try:
+            if os.getppid() == owner:  # opened the right process (not one that took its pid)
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+                while not poller.poll(None):
+                    pass
+        finally:
+            os.close(fd)
+        return True
+
+    def run() -> None:
+        if not wait_pidfd():
+            import time
+
+            while os.getppid() == owner:
+                time.sleep(OWNER_POLL_S)
+        on_gone(owner)
+
+    thread = threading.Thread(target=run, name="tdist-owner-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def end_own_group() -> None:
+    """SIGKILL this process's group (this process and the children it started), or this
+    process alone when it does not lead a group (its group is someone else's)."""
+    import signal
+
+    try:
+        if os.getpgrp() == os.getpid():
+            os.killpg(os.getpid(), signal.SIGKILL)
+    finally:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -302,11 +302,56 @@ def _apply_placement(config: WorkerConfig) -> None:
 
 
 async def _amain(config: WorkerConfig) -> int:
+    """Run the worker; a drain signal drains it once ready, and ends it at once while starting.
+
+    Why: a worker still starting (an engine loading for minutes) has nothing to drain, and a stop
+    during start-up must not wait for the load to finish. Its start is cancelled; the supervisor
+    then ends what the operator had started (its process group).
+    """
     worker = Worker(config)
     loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+
+    def on_signal() -> None:
+        if worker.state == "starting" and main is not None:
+            log.warning("worker %s: stop signal during start-up; not waiting for it to finish", config.name)
+            main.cancel()
+        else:
+            worker.request_stop()
+
     for sig in DRAIN_SIGNALS:
-        loop.add_signal_handler(sig, worker.request_stop)
-    return await worker.run()
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        return await worker.run()
+    except asyncio.CancelledError:
+        return 0
+
+
+def bind_to_owner(name: str) -> None:
+    """Die with the launcher that started this worker (its supervisor, or mpirun / srun for a rank).
+
+    Why: a worker whose owner is gone is unsupervised and unstoppable by `tdist stop`'s drain; it
+    must not keep serving, and the engine processes or Triton server it started must not outlive
+    it either. So the worker leads a process group of its own (local workers already do; a rank is
+    moved into one) and, once its parent process exits, SIGKILLs that whole group. A worker run
+    on its own (`--config`) is not bound: there the parent is whoever ran it.
+    """
+    from tdist.runtime.process_identity import end_own_group, watch_owner
+
+    if os.getpgrp() != os.getpid():
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass  # a session leader, or not allowed: end_own_group then ends this process only
+
+    def gone(owner: int) -> None:
+        try:
+            sys.stderr.write(f"tdist worker {name}: owner pid {owner} is gone; ending this worker and its children\n")
+            sys.stderr.flush()
+        finally:
+            end_own_group()
+
+    watch_owner(gone)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         if entry not in sys.path:
             sys.path.insert(0, entry)
     _apply_placement(config)
+    if args.plan:
+        bind_to_owner(config.name)
     try:
         return asyncio.run(_amain(config))
     except TdistError as exc:

@@ -242,6 +242,15 @@ class LocalLaunchSpec(SpecModel):
     metrics_port_base: int = Field(0, ge=0, le=65535, description="Metrics port of worker 0 (worker i: base+i); 0: each picks a free one")
     startup_timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for all workers to report ready")
     restart_on_crash: bool = Field(True, description="Restart a worker that dies unexpectedly")
+    restart_max_crashes: int = Field(
+        5, ge=1, le=1000,
+        description="Crashes within restart_window_s after which a worker is not restarted again: it is `failed`, "
+        "the deployment `degraded`, and `tdist status` shows the tail of its last log. Restarts back off "
+        "1 s, 2 s, 4 s, ... (at most 30 s) by the crashes in the window. Applies to every worker a tdist "
+        "supervisor restarts (local workers, a world's service workers)")
+    restart_window_s: float = Field(
+        300.0, gt=0, le=86400,
+        description="Seconds over which restart_max_crashes counts a worker's crashes; older crashes are forgotten")
 
 
 class MpirunLaunchSpec(SpecModel):
