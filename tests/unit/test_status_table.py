@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from tdist.cli.runtime_cmds import status_table
+from tdist.cli.deploy_view import status_table
 
 
 def _worker(name: str, **kw: object) -> dict:

@@ -10,9 +10,10 @@ Errors are OpenAI-shaped (openai_wire.py), `{"error": {"message", "type", "param
 400 bad parameters, a body that is not application/json, not strict JSON or with a
 deployment-internal field (`kv_transfer_params`, ...); 401 no or wrong API key; 404 unknown
 model or route; 413 a body over max_body_bytes (refused from Content-Length before it is read)
-or a request over the request plane's max_payload; 429 over max_concurrent_requests; 503 no
-worker; 504 deadline; 500 otherwise. A client that disconnects mid-stream cancels the request
-all the way to the engine. Limits: guards.py, docs/security.md.
+or a request over the request plane's max_payload; 429 over max_concurrent_requests or a full work
+queue (Overloaded, with Retry-After); 503 no worker or the request plane down; 504 deadline;
+500 otherwise. A client that disconnects mid-stream cancels the request all the way to the engine.
+Limits: guards.py, docs/security.md.
 
 Parameters: host (127.0.0.1), port (8000; 0 picks a free one — the bound port is logged as
 "OpenAI frontend listening on http://HOST:PORT", returned by stats() and, with `port_file`,
@@ -179,7 +180,10 @@ class OpenAIFrontend(ModelNames, Operator):
             self.counts["errors"] += 1
             if err.status >= 500:
                 self.logger.warning("%s %s → %d: %s", request.method, request.path, err.status, err.message)
-            return web.json_response(err.body(), status=err.status)
+            resp = web.json_response(err.body(), status=err.status)
+            if err.status == 429:
+                resp.headers["Retry-After"] = str(Admission.RETRY_AFTER_S)
+            return resp
 
     async def _json_body(self, request: Any) -> dict[str, Any]:
         """The body as a JSON object: application/json (400 otherwise, as OpenAI answers), at most

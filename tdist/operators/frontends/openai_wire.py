@@ -8,7 +8,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tdist.errors import BadRequest, NoWorkerError, PayloadTooLarge, RequestCancelled, RequestError, RequestTimeout
+from tdist.errors import (
+    BadRequest,
+    NoWorkerError,
+    Overloaded,
+    PayloadTooLarge,
+    RequestCancelled,
+    RequestError,
+    RequestPlaneDown,
+    RequestTimeout,
+)
 from tdist.operators.frontends.guards import is_internal, loads
 
 #: OpenAI request fields → tdist parameter names (those passed through unchanged).
@@ -91,6 +100,10 @@ def api_error_of(exc: BaseException) -> ApiError:
                         code="request_too_large")
     if isinstance(exc, NoWorkerError):
         return ApiError(503, exc.message, type="service_unavailable", code="no_worker")
+    if isinstance(exc, Overloaded):  # the work queue is full: the client retries after Retry-After
+        return ApiError(429, exc.message, type="rate_limit_error", code="overloaded")
+    if isinstance(exc, RequestPlaneDown):  # never stored, so never run: safe to retry
+        return ApiError(503, exc.message, type="service_unavailable", code="request_plane_down")
     if isinstance(exc, RequestTimeout):
         return ApiError(504, exc.message, type="timeout", code="timeout")
     if isinstance(exc, RequestCancelled):

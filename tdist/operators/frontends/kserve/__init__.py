@@ -24,7 +24,8 @@ internal or unlisted parameters and non-finite deadlines.
 Model metadata/config come from each operator's discovery entry: an operator whose stats()
 carries `model_metadata` / `model_config` (TritonCoreOperator does: Triton's own answers) is
 described exactly; others get their name, `platform: tdist_<kind>` and no declared tensors.
-Errors: unknown model → 404 / NOT_FOUND; no ready worker → 503 / UNAVAILABLE; BadRequest →
+Errors: unknown model → 404 / NOT_FOUND; no ready worker or the request plane down → 503 /
+UNAVAILABLE; a full work queue → 429 / RESOURCE_EXHAUSTED with Retry-After; BadRequest →
 400 / INVALID_ARGUMENT; too large → 413 / RESOURCE_EXHAUSTED; timeout → 504 /
 DEADLINE_EXCEEDED; operator failure → 500 / INTERNAL.
 

@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
-from tdist.errors import BadRequest, NoWorkerError, PayloadTooLarge, RequestError, RequestTimeout
+from tdist.errors import BadRequest, NoWorkerError, Overloaded, PayloadTooLarge, RequestError, RequestPlaneDown, RequestTimeout
 from tdist.operators.frontends.guards import DEFAULT_MAX_BODY_BYTES, Admission, ClientError, FrontendLimits
 from tdist.operators.frontends.kserve.codec import KServeError, bad, wire_parameters
 from tdist.runtime.operator import RemoteOperator
@@ -134,9 +134,12 @@ class KServeCore:
         except KServeError:
             self.errors += 1
             raise
-        except NoWorkerError as exc:
+        except (NoWorkerError, RequestPlaneDown) as exc:  # nobody to run it / nothing stored it: retry later
             self.errors += 1
             raise KServeError(503, "UNAVAILABLE", exc.render()) from None
+        except Overloaded as exc:  # the work queue is full: 429 with Retry-After
+            self.errors += 1
+            raise KServeError(429, "RESOURCE_EXHAUSTED", exc.render()) from None
         except PayloadTooLarge as exc:
             self.errors += 1
             raise KServeError(413, "RESOURCE_EXHAUSTED", exc.render()) from None
