@@ -339,7 +339,10 @@ class LocalSupervisor:
             return True
         self._nats_backoff_s = min(self.max_backoff_s, self._nats_backoff_s * 2)
         try:
-            self.nats = await asyncio.to_thread(srv.restart)
+            # here, in the main thread (not asyncio.to_thread): the parent-death signal that binds
+            # the new server to this supervisor follows the thread that forks it. nats-server is
+            # ready in milliseconds; a restart that fails gives up after 5 s.
+            self.nats = srv.restart(timeout_s=5.0)
         except NatsPortTaken as exc:
             self.nats_failure = self.state.error = exc.render()
             self.state.nats.state = "down"
