@@ -33,7 +33,7 @@ from tdist.launch.children import reap as _reap
 from tdist.launch.logs import tail_file
 from tdist.launch.nats import NatsPortTaken, NatsServer, start_nats
 from tdist.launch.readiness import ProgressFn, wait_ready_in_discovery
-from tdist.launch.rundir import LaunchOptions, ProcessRecord, RunRecord, WorkerRecord
+from tdist.launch.rundir import LaunchOptions, ProcessRecord, RunRecord, WorkerRecord, components_of
 from tdist.plan.emit import worker_command
 from tdist.runtime.config import WorkerConfig
 from tdist.runtime.process_identity import owner_preexec
@@ -411,12 +411,7 @@ class LocalSupervisor:
 
 def _record_of_workers(sup: LocalSupervisor) -> RunRecord:
     """A run record for workers given without a plan (tests, benchmarks)."""
-    components: list[str] = []
-    operators: dict[str, list[str]] = {}
-    for w in sup.workers:
-        if w.component not in components:
-            components.append(w.component)
-        operators.setdefault(w.component, [o.name for o in w.operators])
+    components, operators = components_of(sup.workers)
     return RunRecord(
         deployment=sup.deployment, run_dir=str(sup.run_dir), plan_path=str(sup.plan_path), graph=sup.graph,
         options=LaunchOptions(nats_url=sup.nats_url, startup_timeout_s=sup.startup_timeout_s, restart=sup.restart),

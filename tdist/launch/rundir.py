@@ -30,6 +30,7 @@ from tdist.runtime.process_identity import process_alive, process_start
 
 if TYPE_CHECKING:
     from tdist.plan.model import Plan
+    from tdist.runtime.config import WorkerConfig
 
 #: How many earlier runs of one deployment name `prepare_run_dir` keeps under runs/.previous/.
 KEEP_PREVIOUS_RUNS = 3
@@ -212,6 +213,17 @@ class SlurmRecord(_Model):
     nodes: list[str] = Field(default_factory=list)
 
 
+def components_of(workers: list[WorkerConfig]) -> tuple[list[str], dict[str, list[str]]]:
+    """Components in start order, and each component's operator names, as the run record keeps them."""
+    components: list[str] = []
+    operators: dict[str, list[str]] = {}
+    for w in workers:
+        if w.component not in components:
+            components.append(w.component)
+        operators.setdefault(w.component, [o.name for o in w.operators])
+    return components, operators
+
+
 class RunRecord(_Model):
     """Everything about one deployment that outlives the command that started it (state.json)."""
 
@@ -239,12 +251,7 @@ class RunRecord(_Model):
     @classmethod
     def for_plan(cls, plan: "Plan", options: LaunchOptions, *, graph: str | None = None) -> "RunRecord":
         """A fresh record of `plan`: components, operators and workers known, nothing started."""
-        components: list[str] = []
-        operators: dict[str, list[str]] = {}
-        for w in plan.workers:
-            if w.component not in components:
-                components.append(w.component)
-            operators.setdefault(w.component, [o.name for o in w.operators])
+        components, operators = components_of(plan.workers)
         return cls(
             deployment=plan.deployment, run_dir=plan.run_dir, launcher=plan.launcher,
             plan_path=str(Path(plan.run_dir) / "plan.json"), graph=graph, options=options,

@@ -22,7 +22,8 @@ from tdist.errors import DataPlaneError, RequestError
 from tdist.runtime.config import DataPlaneConfig
 from tdist.runtime.planes.data import InMemoryDataPlane, Ref, host_id, is_ref, make_data_plane
 from tdist.runtime.planes.data import segments, views
-from tdist.runtime.planes.data.refs import process_alive, process_start, ucx_uri
+from tdist.runtime.planes.data.refs import ucx_uri
+from tdist.runtime.process_identity import process_alive, process_start
 from tdist.runtime.planes.data.ucx import FRAME, _frame, _unframe
 from tdist.runtime.planes.data.ucxenv import ucx_environment
 from tdist.runtime.tensors import tensor_to_wire

@@ -6,7 +6,6 @@ Limits and messages: docs/security.md."""
 from __future__ import annotations
 
 import os
-import sys
 import textwrap
 import tracemalloc
 from collections.abc import Callable
@@ -19,22 +18,14 @@ from tdist.errors import SpecError, SpecErrors
 from tdist.spec import limits as L
 from tdist.spec import load_graph, parse_graph, source
 
-from tdist.cli.app import main
+try:  # tests/unit is a rootdir-less test folder; also importable as a package
+    from test_cli_spec import run_main
+except ImportError:  # pragma: no cover
+    from tests.unit.test_cli_spec import run_main
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAPHS = sorted(str(p) for p in (ROOT / "graphs").glob("*.yaml"))
 
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`tdist ARGS` in process, as tests/unit/test_cli_spec.py runs it: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["tdist", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 GOOD = """\
 name: g

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 #: Niceness given to the engine's own processes (EngineCore, workers) on a CPU-only machine.
 #: vLLM's CPU backend busy-polls (its shared-memory queues spin for 1 s after each read), so
@@ -33,8 +33,9 @@ def parse_cpu_list(text: str) -> set[int]:
     return cpus
 
 
-def pin_children(cpus: set[int], root: int | None = None) -> list[int]:
-    """Restrict every thread of every descendant of `root` (default: this process) to `cpus`."""
+def _each_thread(root: int | None, apply: Callable[[int], None]) -> list[int]:
+    """Call `apply(tid)` for every thread of every descendant of `root` (default: this process);
+    threads and processes that vanish meanwhile are skipped. Returns the descendants' pids."""
     pids = descendants(root)
     for pid in pids:
         try:
@@ -43,10 +44,15 @@ def pin_children(cpus: set[int], root: int | None = None) -> list[int]:
             continue
         for tid in tids:
             try:
-                os.sched_setaffinity(int(tid), cpus)
+                apply(int(tid))
             except OSError:
                 pass
     return pids
+
+
+def pin_children(cpus: set[int], root: int | None = None) -> list[int]:
+    """Restrict every thread of every descendant of `root` (default: this process) to `cpus`."""
+    return _each_thread(root, lambda tid: os.sched_setaffinity(tid, cpus))
 
 
 def descendants(root: int | None = None) -> list[int]:
@@ -70,18 +76,7 @@ def descendants(root: int | None = None) -> list[int]:
 
 def renice_children(nice: int, root: int | None = None) -> list[int]:
     """Set the niceness of every thread of every descendant process of `root` (default: this one)."""
-    mine = descendants(root)
-    for pid in mine:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                os.setpriority(os.PRIO_PROCESS, int(tid), nice)
-            except OSError:
-                pass
-    return mine
+    return _each_thread(root, lambda tid: os.setpriority(os.PRIO_PROCESS, tid, nice))
 
 
 def cpu_bind_of(param: Any, cpu_ids: list[int], replica: int) -> str | None:

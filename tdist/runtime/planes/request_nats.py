@@ -233,10 +233,9 @@ class NatsRequestPlane:
         return _Subscription(await self.nc.subscribe(inbox + ".*", cb=on_msg))
 
     async def submit(self, msg: P.RequestMessage, payload: bytes) -> None:
-        headers = P.request_headers(msg)
-        stored = msg.instance is None  # into the work queue through js.publish, which adds Nats-Msg-Id
-        check_size(self.max_payload, payload, P.request_headers(msg, msg_id=True) if stored else headers,
-                   operator=msg.operator, request_id=msg.id)
+        # into the work queue with JetStream's Nats-Msg-Id; a directed request goes without it. The
+        # size (these headers included) was checked once by the caller, RequestClient._publish.
+        headers = P.request_headers(msg, msg_id=msg.instance is None)
         try:
             if msg.instance is not None:
                 # with a reply subject, the server answers "no responders" when nobody listens
@@ -245,21 +244,21 @@ class NatsRequestPlane:
                     reply=msg.reply, headers=headers,
                 )
             else:
-                await self._store(msg, payload)
+                await self._store(msg, payload, headers)
         except MaxPayloadError as exc:
             raise PayloadTooLarge(str(exc), operator=msg.operator, request_id=msg.id) from None
         except (OutboundBufferLimitError, ConnectionClosedError) as exc:
             raise RequestPlaneDown(f"the request plane (NATS) is unreachable: {type(exc).__name__}",
                                    operator=msg.operator, request_id=msg.id) from None
 
-    async def _store(self, msg: P.RequestMessage, payload: bytes) -> None:
+    async def _store(self, msg: P.RequestMessage, payload: bytes, headers: dict[str, str]) -> None:
         """Publish into the work queue and wait for JetStream's PubAck until the deadline: accepted
         means stored. Many wait at once on the connection's one shared reply subscription (nats-py's
         request mux), so the cost is latency, not throughput. Not `publish_async`: in nats-py 2.16 its
         reply handler raises an error reply instead of failing the future, which then never ends."""
         try:
             await self.js.publish(P.request_subject(self.deployment, msg.operator), payload,
-                                  headers=P.request_headers(msg, msg_id=True),  # what check_size counted
+                                  headers=headers,
                                   timeout=max(0.05, msg.deadline - time.time()))
         except NoStreamResponseError:
             raise RequestPlaneDown(f"deployment {self.deployment!r} has no request stream, so nothing stored the "

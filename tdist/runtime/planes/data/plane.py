@@ -29,7 +29,9 @@ from tdist.runtime.config import DataPlaneConfig
 from tdist.runtime.tensors import as_array, dtype_name, numpy_dtype, tensor_from_wire, tensor_to_wire
 
 from . import cuda, segments, views
-from .refs import Ref, host_id, is_ref, process_alive, self_identity, ucx_uri
+from tdist.runtime.process_identity import process_alive, self_identity
+
+from .refs import Ref, host_id, is_ref, ucx_uri
 from .ucx import Served, UcxClient, UcxServer
 from .ucxenv import UcxRuntime, ucx_available, ucx_environment
 

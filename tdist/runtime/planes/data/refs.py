@@ -23,7 +23,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tdist.errors import DataPlaneError
-from tdist.runtime.process_identity import process_alive, process_start, self_identity  # noqa: F401 - the data plane's names
 
 REF_VERSION = 1
 SHM_DIR = "/dev/shm"

@@ -34,7 +34,9 @@ import numpy as np
 
 from tdist.errors import DataPlaneError
 
-from .refs import SHM_DIR, SHM_PREFIX, self_identity
+from tdist.runtime.process_identity import self_identity
+
+from .refs import SHM_DIR, SHM_PREFIX
 
 MAGIC = b"TDISTDP1"
 HEADER = 64

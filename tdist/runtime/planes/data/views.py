@@ -21,7 +21,9 @@ import numpy as np
 
 from tdist.errors import DataPlaneError
 
-from .refs import SHM_DIR, SHM_PREFIX, process_alive
+from tdist.runtime.process_identity import process_alive
+
+from .refs import SHM_DIR, SHM_PREFIX
 from .segments import FILLED, HEADER, RELEASED, TAKEN, pidns, read_state, shm_path, try_lock, unlock, write_state
 
 
